@@ -42,6 +42,6 @@ class ProblemLog:
             return ["no input problems found"]
         lines = []
         for kind in sorted(self.counts):
-            first = self.examples.get(kind, [""])[0]
-            lines.append(f"{kind}: {self.counts[kind]} (e.g. {first})")
+            examples = self.examples.get(kind)
+            lines.append(f"{kind}: {self.counts[kind]}" + (f" (e.g. {examples[0]})" if examples else ""))
         return lines

@@ -41,8 +41,9 @@ class RawDataset:
     items: list[str]
     timestamps: list[float]
     catalogue: dict[str, RawItem]
-    # Original item id -> image bytes, or None when the item has no image.
-    load_image: Callable[[str], RawImage | None]
+    # Original item id -> image bytes, or None when the item has no image; None for a source
+    # without any images (then no per-item "missing image" is counted).
+    load_image: Callable[[str], RawImage | None] | None
     problems: ProblemLog
     # The text fields, in order, that make an item's text (categories are appended separately).
     text_fields: list[str] = field(default_factory=list)
