@@ -1,0 +1,92 @@
+"""CAMMSR (Section IV): item representations -> CAMoE -> per-modality Transformers -> Eq. 15 scoring, + MSCL."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModelOutput, SequentialRecommender
+from .camoe import MixtureOfExperts
+from .category_guidance import CategoryGuidance
+from .config import ModelConfig
+from .item_representation import ItemRepresentation
+from .layers import SequenceEncoder, causal_padding_mask, gather_positions, make_norm, xavier_init_
+from .mscl import info_nce, modality_swap
+
+
+class CAMMSR(SequentialRecommender):
+    def __init__(self, cfg: ModelConfig, num_categories: int, text_dim: int, image_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemRepresentation(cfg, text_dim, image_dim)
+        self.moe = MixtureOfExperts(cfg)
+        self.category_guidance = CategoryGuidance(cfg, num_categories) if cfg.use_category_guidance else None
+        d = cfg.hidden_size
+
+        def norm(use_dyt: bool) -> nn.Module:
+            return make_norm(d, use_dyt, cfg.layer_norm_eps, cfg.dyt_alpha_init, cfg.dyt_affine)
+
+        block_uses_dyt = cfg.use_dyt and cfg.dyt_in_blocks
+        self.encoders = nn.ModuleList(
+            SequenceEncoder(d, cfg.num_heads, cfg.num_layers, cfg.ffn_inner_size, cfg.hidden_dropout,
+                            cfg.attn_dropout, input_norm=norm(cfg.use_dyt),
+                            block_norm_factory=lambda: norm(block_uses_dyt))
+            for _ in cfg.modalities)
+        self._modality_index = {m: i for i, m in enumerate(cfg.modalities)}
+        xavier_init_(self, cfg.init_method)
+
+    def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
+        """Candidate vectors per modality, [N + 1, M, d]: the projected features x (no position, no CAMoE)."""
+        return self.items.project(id_rows, text_rows, image_rows)
+
+    def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor, id_emb: torch.Tensor | None,
+                text_feat: torch.Tensor | None = None, image_feat: torch.Tensor | None = None,
+                cat_labels: torch.Tensor | None = None, has_cat: torch.Tensor | None = None) -> ModelOutput:
+        valid = item_seq != 0
+        _, e = self.items(id_emb, text_feat, image_feat)                       # [B, L, M, d]
+        e_hat, expert_weights = self.moe(e, valid)
+        if self.category_guidance is None:
+            weights = torch.full(e.shape[:-1], 1.0 / self.cfg.num_modalities, device=e.device)
+            category_loss = None
+        else:
+            weights, category_loss = self.category_guidance(e, valid, cat_labels, has_cat)
+        fused = (e + weights[..., None].to(e_hat.dtype) * e_hat) * valid[..., None, None]  # Eq. 11
+        attention_mask = causal_padding_mask(valid)
+        hidden = torch.stack([encoder(fused[:, :, m], attention_mask) for m, encoder in enumerate(self.encoders)],
+                             dim=2)                                            # [B, L, M, d]
+        last = seq_len - 1
+        if self.cfg.sequence_mode == "prefix":
+            user = torch.stack([gather_positions(hidden[:, :, m], last) for m in range(hidden.shape[2])], dim=1)
+        else:
+            user = hidden
+        mscl_loss, views = self._mscl(fused, valid, attention_mask, last)
+        return ModelOutput(
+            user_vectors=user, valid=valid, score_offset=self._score_offset(user, seq_len),
+            modality_weights=weights, expert_weights=expert_weights, mscl_loss=mscl_loss,
+            category_loss=category_loss, mscl_views=views)
+
+    def _mscl(self, fused, valid, attention_mask, last):
+        """Eq. 16-18 for each configured pair, summed over pairs; only while training."""
+        if not (self.training and self.cfg.mscl_pairs and self.cfg.mscl_weight > 0):
+            return None, []
+        total, views = 0.0, []
+        for first, second in self.cfg.mscl_pairs:
+            i, j = self._modality_index[first], self._modality_index[second]
+            seq_i, seq_j, _ = modality_swap(fused[:, :, i], fused[:, :, j], valid, self.cfg.mscl_swap_prob)
+            z_i = gather_positions(self.encoders[i](seq_i, attention_mask), last)
+            z_j = gather_positions(self.encoders[j](seq_j, attention_mask), last)
+            total = total + info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional,
+                                     self.cfg.mscl_reduction)
+            views.append((z_i, z_j))
+        return total, views
+
+    def _score_offset(self, user: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor | None:
+        """Literal Eq. 15: sum_m Z^m . p at the position the target would take (clamped to the table)."""
+        if not self.cfg.score_with_position:
+            return None
+        table = self.items.position.weight
+        top = self.cfg.max_seq_len - 1
+        if self.cfg.sequence_mode == "prefix":
+            return torch.einsum("bmd,bd->b", user, table[seq_len.clamp(max=top)])
+        positions = torch.arange(1, user.shape[1] + 1, device=user.device).clamp(max=top)
+        return torch.einsum("blmd,ld->bl", user, table[positions])
