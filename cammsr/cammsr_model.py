@@ -56,7 +56,7 @@ class CAMMSR(SequentialRecommender):
                              dim=2)                                            # [B, L, M, d]
         last = seq_len - 1
         if self.cfg.sequence_mode == "prefix":
-            user = torch.stack([gather_positions(hidden[:, :, m], last) for m in range(hidden.shape[2])], dim=1)
+            user = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, M, d]
         else:
             user = hidden
         mscl_loss, views = self._mscl(fused, valid, attention_mask, last)

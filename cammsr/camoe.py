@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .layers import causal_padding_mask
 
 
 class AttentiveRouter(nn.Module):
@@ -35,10 +36,7 @@ class AttentiveRouter(nn.Module):
         """e [B, L, M, d], valid [B, L] -> expert weights [B, L, M, K]."""
         q, k, v = torch.einsum("blmd,mdk->bmlk", e, self.qkv).split(self.num_experts, dim=-1)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.num_experts)  # [B, M, L, L]
-        allowed = valid[:, None, None, :]
-        if self.causal:
-            length = valid.shape[1]
-            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=e.device).tril()
+        allowed = causal_padding_mask(valid) if self.causal else valid[:, None, None, :]
         # A finite fill keeps a fully masked row (an empty sequence) uniform instead of NaN.
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         gates = (scores.softmax(dim=-1) @ v).permute(0, 2, 1, 3)
