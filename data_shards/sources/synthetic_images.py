@@ -111,8 +111,8 @@ def _draw_pattern(draw: ImageDraw.ImageDraw, pattern: int, size: int, shade: tup
         while k * period < diagonal:
             off = k * period + phase
             px, py = c + nx * off, c + ny * off
-            draw.line([(px - dx * diagonal, py - dy * diagonal), (px + dx * diagonal, py + dy * diagonal)],
-                      fill=shade, width=width)
+            ends = [(px - dx * diagonal, py - dy * diagonal), (px + dx * diagonal, py + dy * diagonal)]
+            draw.line(ends, fill=shade, width=width)
             k += 1
 
 
