@@ -92,3 +92,18 @@ def test_command_line_prepare_and_errors(tmp_path):
     for option in ("--source", "--input", "--images", "--text-fields", "--category-field", "--category-sep",
                    "--k-core", "--dedupe", "--num-items", "--num-users", "--seed", "--overwrite"):
         assert option in helptext
+
+
+def test_command_line_synthetic_dataset_is_multimodal_and_reproducible(tmp_path):
+    cammsr = [sys.executable, "-m", "launch.cli", "prepare", "--source", "synthetic", "--num-items", "300",
+              "--num-users", "400", "--seed", "3", "--missing-image-rate", "0.1"]
+    for name in ("a", "b"):
+        done = subprocess.run(cammsr + ["--out", str(tmp_path / name)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    first, second = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("a", "b"))
+    assert first["shards"] == second["shards"]
+    assert first["source"]["seed"] == 3 and first["num_users"] == 400
+    assert 0.8 * first["num_items"] < first["num_items_with_image"] < first["num_items"]
+    assert first["categories"]["num_levels"] == 3
+    item = next(iter(PreparedDataset(tmp_path / "a").items()))
+    assert item.text and item.labels and len(item.categories[0].split("|")) == 3
