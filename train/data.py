@@ -1,0 +1,159 @@
+"""User sequences -> per-rank batches of tensors.
+
+Each rank reads only its users from the shards (`user_sequences(rank, world)`: every user on exactly one rank).
+The order of training samples is a seeded permutation of the GLOBAL sample index (users by id, then position),
+the same for every world size: global batch b is samples [b*G, (b+1)*G) of that order, and each rank takes the
+ones it owns. So 1 process and N processes see the same global batches; every rank runs the same number of steps
+and a rank's slice is padded with masked samples (target 0) to the largest slice of that batch (no duplicates).
+
+Sample modes (`model.sequence_mode`): "prefix" (RecBole, the paper's protocol): every prefix of a user's training
+part predicts its next item, truncated to the last max_seq_len items. "all_positions": one sample per user, the last
+max_seq_len + 1 training items, every position predicting the next.
+Leave-one-out: last item = test target, second to last = validation target, earlier = training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_shards.problems import DataError
+from data_shards.reader import PreparedDataset
+from train.distributed import all_gather_objects
+
+
+@dataclass
+class Batch:
+    item_seq: torch.Tensor  # [B, L] long, left-aligned, 0 = padding
+    seq_len: torch.Tensor  # [B] long (>= 1; padding samples have a dummy length-1 sequence)
+    targets: torch.Tensor  # [B] (prefix) or [B, L] (all_positions), 0 = ignore
+    real: torch.Tensor  # [B] bool: False for padding samples
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.item_seq, self.seq_len, self.targets,
+                                                                  self.real)))
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.targets > 0).sum())
+
+
+class LocalSequences:
+    """This rank's users: concatenated item arrays with offsets (all interactions, val/test included)."""
+
+    def __init__(self, data: PreparedDataset, rank: int, world_size: int):
+        users, arrays = [], []
+        for seq in data.user_sequences(rank, world_size):
+            if len(seq.items) < 3:
+                raise DataError(f"user {seq.user_id} ({seq.original_id}) has {len(seq.items)} interactions; "
+                                "leave-one-out needs 3")
+            users.append(seq.user_id)
+            arrays.append(seq.items)
+        order = np.argsort(np.asarray(users, dtype=np.int64), kind="stable")
+        self.user_ids = np.asarray(users, dtype=np.int64)[order]
+        arrays = [arrays[i] for i in order]
+        self.lengths = np.asarray([len(a) for a in arrays], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def train_lengths(self) -> np.ndarray:
+        return self.lengths - 2
+
+
+def _windows(flat: np.ndarray, ends: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
+    """Rows of flat[end - length : end], left-aligned into [R, max_len] with 0 padding."""
+    cols = np.arange(max_len)[None, :]
+    idx = ends[:, None] - lengths[:, None] + cols
+    valid = cols < lengths[:, None]
+    return np.where(valid, flat[np.clip(idx, 0, max(len(flat) - 1, 0))], 0)
+
+
+class TrainPlan:
+    """The global sample order per epoch and this rank's share of each global batch."""
+
+    def __init__(self, local: LocalSequences, mode: str, max_len: int, global_batch: int, seed: int,
+                 rank: int, world_size: int):
+        self.local, self.mode, self.max_len = local, mode, max_len
+        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world_size
+        train_len = local.train_lengths
+        counts = train_len - 1 if mode == "prefix" else (train_len >= 2).astype(np.int64)
+        counts = np.maximum(counts, 0)
+        gathered = all_gather_objects((local.user_ids, counts))
+        user_ids = np.concatenate([g[0] for g in gathered])
+        all_counts = np.concatenate([g[1] for g in gathered])
+        owners = np.concatenate([np.full(len(g[0]), r, dtype=np.int64) for r, g in enumerate(gathered)])
+        local_index = np.concatenate([np.arange(len(g[0]), dtype=np.int64) for g in gathered])
+        order = np.argsort(user_ids, kind="stable")  # global sample index: users by id, then position
+        all_counts, owners, local_index = all_counts[order], owners[order], local_index[order]
+        if len(np.unique(user_ids)) != len(user_ids):
+            raise DataError("a user appears on two ranks: the user split is not a partition")
+        self.num_users = len(user_ids)
+        self.num_samples = int(all_counts.sum())
+        if self.num_samples == 0:
+            raise DataError("no training samples: every user's training part is shorter than 2 items")
+        self.sample_owner = np.repeat(owners, all_counts)
+        self.sample_local_user = np.repeat(local_index, all_counts)
+        starts = np.concatenate([[0], np.cumsum(all_counts)[:-1]])
+        self.sample_position = np.arange(self.num_samples) - np.repeat(starts, all_counts)
+        self.steps_per_epoch = -(-self.num_samples // global_batch)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0):
+        """Yield (step, Batch) of this rank for `epoch`, from `start_step` (resume inside an epoch)."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        owner = self.sample_owner[perm]
+        batch_index = np.arange(self.num_samples) // self.global_batch
+        sizes = np.zeros((self.world, self.steps_per_epoch), dtype=np.int64)
+        np.add.at(sizes, (owner, batch_index), 1)
+        width = np.maximum(sizes.max(axis=0), 1)  # every rank holds at least one (masked) sample
+        mine = owner == self.rank
+        my_samples, my_batches = perm[mine], batch_index[mine]
+        bounds = np.searchsorted(my_batches, np.arange(self.steps_per_epoch + 1))
+        for step in range(start_step, self.steps_per_epoch):
+            chosen = my_samples[bounds[step]:bounds[step + 1]]
+            yield step, self._build(chosen, int(width[step]))
+
+    def _build(self, samples: np.ndarray, width: int) -> Batch:
+        local, L = self.local, self.max_len
+        users = self.sample_local_user[samples]
+        start = local.offsets[users]
+        if self.mode == "prefix":
+            target_pos = self.sample_position[samples] + 1  # index within the training part
+            lengths = np.minimum(target_pos, L)
+            seqs = _windows(local.flat, start + target_pos, lengths, L)
+            targets = local.flat[start + target_pos]
+        else:
+            train_len = local.train_lengths[users]
+            window = np.minimum(train_len, L + 1)
+            lengths = window - 1
+            seqs = _windows(local.flat, start + train_len - 1, lengths, L)
+            targets = _windows(local.flat, start + train_len, lengths, L)
+        pad = width - len(samples)
+        real = np.concatenate([np.ones(len(samples), bool), np.zeros(pad, bool)])
+        if pad:
+            dummy = np.zeros((pad, L), dtype=np.int64)
+            dummy[:, 0] = 1  # a valid length-1 sequence (keeps attention finite); its target is ignored
+            seqs = np.concatenate([seqs, dummy])
+            lengths = np.concatenate([lengths, np.ones(pad, dtype=np.int64)])
+            target_pad = np.zeros((pad,) + targets.shape[1:], dtype=np.int64)
+            targets = np.concatenate([targets, target_pad])
+        return Batch(torch.from_numpy(seqs), torch.from_numpy(lengths.astype(np.int64)),
+                     torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real))
+
+
+def eval_batches(local: LocalSequences, split: str, max_len: int, batch_size: int):
+    """This rank's users for `split` ("valid": history = items[:-2], target items[-2]; "test": items[:-1], items[-1])."""
+    drop = 2 if split == "valid" else 1
+    for begin in range(0, len(local), batch_size):
+        users = np.arange(begin, min(begin + batch_size, len(local)))
+        hist_end = local.offsets[users] + local.lengths[users] - drop
+        hist_len = np.minimum(local.lengths[users] - drop, max_len)
+        seqs = _windows(local.flat, hist_end, hist_len, max_len)
+        targets = local.flat[hist_end]
+        yield Batch(torch.from_numpy(seqs), torch.from_numpy(hist_len.astype(np.int64)),
+                    torch.from_numpy(targets.astype(np.int64)), torch.ones(len(users), dtype=torch.bool))

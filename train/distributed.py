@@ -1,0 +1,122 @@
+"""Process group from the launcher's environment (torchrun, deepspeed, accelerate, SLURM, or none).
+
+Device: cuda:<local rank> when torch.cuda.is_available(), else CPU (never read CUDA_VISIBLE_DEVICES, which the
+deepspeed launcher sets even on CPU machines). Backend: nccl on GPU, gloo on CPU. Collectives time out after
+`timeout_s`, so a dead peer fails the job instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def _slurm_master() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", ""))
+    if not nodes:
+        return "127.0.0.1"
+    first = nodes.split(",")[0]
+    if "[" in first:  # node[01-04] -> node01
+        prefix, rest = first.split("[", 1)
+        first = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return first
+
+
+def read_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun/deepspeed/accelerate (RANK...) or SLURM (SLURM_PROCID...)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return (_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1),
+                _env_int("LOCAL_RANK", default=0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world = _env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1)
+        os.environ.setdefault("MASTER_ADDR", _slurm_master())
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        os.environ["LOCAL_RANK"] = str(_env_int("SLURM_LOCALID", default=0))
+        return rank, world, _env_int("SLURM_LOCALID", default=0)
+    return 0, 1, 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 120.0, backend: str = "auto") -> DistEnv:
+    """Initialise (or reuse) the default process group; a single process gets a world of one."""
+    rank, world, local_rank = read_env()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                   device=device, backend=dist.get_backend())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

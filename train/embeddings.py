@@ -1,0 +1,190 @@
+"""The item-ID table behind one interface, two backends chosen by `embedding.backend` (never a silent fallback):
+
+- "torchrec": an EmbeddingCollection under DistributedModelParallel, sharded by the planner (row_wise by default),
+  fused sparse optimizer applied during backward (exact row-wise Adagrad / Adagrad / SGD: they exist on CPU and GPU);
+- "torch": a plain nn.Embedding with the same sparse optimizer maths in PyTorch, for one process on machines
+  where TorchRec's kernels cannot be installed.
+
+`lookup(item_seq)` returns (sequence rows [B, L, d], all rows [N + 1, d]) from ONE lookup, both with gradient
+(the full-softmax candidates come from the table); `step()` applies the optimizer where it is not fused.
+Row 0 (padding) stays zero: sequence rows are masked at padding positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cammsr.layers import init_id_table_
+
+FEATURE = "item"
+TABLE = "item_id"
+
+
+def initial_table(num_rows: int, dim: int, seed: int, init_method: str) -> torch.Tensor:
+    """The full initial table, identical on every rank and for every world size."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    weight = torch.empty(num_rows, dim)
+    init_id_table_(weight, init_method)
+    torch.random.set_rng_state(generator_state)
+    return weight
+
+
+class TorchItemTable(nn.Module):
+    """Plain-torch table with an explicit row-wise sparse optimizer (the fused kernels' maths)."""
+
+    backend = "torch"
+
+    def __init__(self, weight: torch.Tensor, optimizer: str, lr: float, eps: float, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone().to(device))
+        self.optimizer, self.lr, self.eps = optimizer, lr, eps
+        shape = (weight.shape[0],) if optimizer == "exact_rowwise_adagrad" else tuple(weight.shape)
+        self.register_buffer("momentum", torch.zeros(shape, device=device))
+
+    def lookup(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.weight
+        return rows[item_seq] * (item_seq != 0)[..., None], rows
+
+    @torch.no_grad()
+    def all_rows(self) -> torch.Tensor:
+        return self.weight.detach().clone()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.weight.grad
+        if grad is None:
+            return
+        if self.optimizer == "exact_sgd":
+            self.weight -= self.lr * grad
+        elif self.optimizer == "exact_adagrad":
+            self.momentum += grad * grad
+            self.weight -= self.lr * grad / (self.momentum.sqrt() + self.eps)
+        else:
+            self.momentum += (grad * grad).mean(dim=1)
+            self.weight -= (self.lr / (self.momentum.sqrt() + self.eps))[:, None] * grad
+        self.weight.grad = None
+
+    def sharded_state(self) -> dict:
+        return {"weight": self.weight.data, "momentum": self.momentum}
+
+    @torch.no_grad()
+    def load_sharded_state(self, state: dict) -> None:
+        self.weight.copy_(state["weight"])
+        self.momentum.copy_(state["momentum"])
+
+
+class _Collection(nn.Module):
+    def __init__(self, num_rows: int, dim: int):
+        super().__init__()
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+        self.ec = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=TABLE, embedding_dim=dim, num_embeddings=num_rows,
+                                    feature_names=[FEATURE])],
+            device=torch.device("meta"))
+
+    def forward(self, features):
+        return self.ec(features)
+
+
+class TorchRecItemTable(nn.Module):
+    """EmbeddingCollection sharded with DistributedModelParallel; the fused optimizer updates it in backward."""
+
+    backend = "torchrec"
+
+    def __init__(self, weight: torch.Tensor, sharding: str, optimizer: str, lr: float, eps: float,
+                 device: torch.device):
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+        from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+        from torchrec.distributed.types import ShardingEnv
+
+        self.num_rows, self.dim = weight.shape
+        self.device = device
+        optim = {"exact_rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                 "exact_adagrad": EmbOptimType.EXACT_ADAGRAD, "exact_sgd": EmbOptimType.EXACT_SGD}[optimizer]
+        fused = {"optimizer": optim, "learning_rate": lr}
+        if optimizer != "exact_sgd":
+            fused["eps"] = eps
+        sharder = EmbeddingCollectionSharder(fused_params=fused)
+        world = dist.get_world_size()
+        compute = "cuda" if device.type == "cuda" else "cpu"
+        local_world = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", world))
+        topology = Topology(world_size=world, compute_device=compute, local_world_size=local_world)
+        constraints = {TABLE: ParameterConstraints(sharding_types=[sharding],
+                                                   compute_kernels=[EmbeddingComputeKernel.FUSED.value])}
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
+                                           storage_reservation=HeuristicalStorageReservation(percentage=0.05))
+        module = _Collection(self.num_rows, self.dim)
+        plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
+        self.dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                            device=device, plan=plan, sharders=[sharder],
+                                            init_data_parallel=False)
+        self.plan = plan
+        self._load_full(weight)
+        self.register_buffer("_all_ids", torch.arange(self.num_rows, device=device), persistent=False)
+
+    def _shards(self):
+        return [v for k, v in self.dmp.state_dict().items() if k.endswith("weight")]
+
+    @torch.no_grad()
+    def _load_full(self, weight: torch.Tensor) -> None:
+        """Copy this rank's slice of the full initial table into its local shards (live views)."""
+        for sharded in self._shards():
+            for shard in sharded.local_shards():
+                row, col = shard.metadata.shard_offsets
+                rows, cols = shard.metadata.shard_sizes
+                shard.tensor.copy_(weight[row:row + rows, col:col + cols].to(shard.tensor.device))
+
+    def _features(self, ids: torch.Tensor):
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        values = torch.cat([ids.reshape(-1), self._all_ids])
+        lengths = torch.tensor([ids.numel(), self.num_rows], device=ids.device, dtype=torch.int64)
+        return KeyedJaggedTensor.from_lengths_sync(keys=[FEATURE], values=values, lengths=lengths)
+
+    def lookup(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.dmp(self._features(item_seq))[FEATURE].values()
+        seq = rows[: item_seq.numel()].view(*item_seq.shape, self.dim)
+        return seq * (item_seq != 0)[..., None], rows[item_seq.numel():]
+
+    @torch.no_grad()
+    def all_rows(self) -> torch.Tensor:
+        """The full table on every rank (a collective: every rank must call it)."""
+        empty = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        return self.dmp(self._features(empty))[FEATURE].values().detach().clone()
+
+    def step(self) -> None:
+        pass  # fused into backward
+
+    def sharded_state(self) -> dict:
+        """ShardedTensors of the table and its optimizer state, for torch.distributed.checkpoint."""
+        return {"model": self.dmp.state_dict(), "optim": self.dmp.fused_optimizer.state_dict()}
+
+    def load_sharded_state(self, state: dict) -> None:
+        self.dmp.load_state_dict(state["model"])
+        self.dmp.fused_optimizer.load_state_dict(state["optim"])
+
+
+def build_item_table(num_items: int, dim: int, backend: str, sharding: str, optimizer: str, lr: float,
+                     eps: float, seed: int, init_method: str, device: torch.device):
+    weight = initial_table(num_items + 1, dim, seed, init_method)
+    if backend == "torch":
+        return TorchItemTable(weight, optimizer, lr, eps, device)
+    return TorchRecItemTable(weight, sharding, optimizer, lr, eps, device)
+
+
+def describe_plan(table) -> str:
+    if table.backend == "torch":
+        return "torch nn.Embedding (1 process)"
+    return str(table.plan).strip()
+
+
+__all__ = ["build_item_table", "TorchItemTable", "TorchRecItemTable", "describe_plan", "math"]

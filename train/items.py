@@ -1,0 +1,76 @@
+"""Per-item side inputs of the model: frozen text/image feature tables and category labels, indexed by item id.
+
+Feature stores are built first (data_shards.features.extract) when the model needs a modality that has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_shards.features.store import open_store
+from data_shards.problems import DataError
+from data_shards.reader import PreparedDataset
+
+
+@dataclass
+class ItemInputs:
+    text: torch.Tensor | None  # [N + 1, F_t] (row 0 zero)
+    image: torch.Tensor | None  # [N + 1, F_v]
+    categories: torch.Tensor | None  # [N + 1, C] float multi-hot
+    has_category: torch.Tensor | None  # [N + 1] bool
+    category_levels: list[int]
+
+    @property
+    def text_dim(self) -> int:
+        return 0 if self.text is None else self.text.shape[1]
+
+    @property
+    def image_dim(self) -> int:
+        return 0 if self.image is None else self.image.shape[1]
+
+    @property
+    def num_categories(self) -> int:
+        return 0 if self.categories is None else self.categories.shape[1]
+
+
+def ensure_feature_stores(data: PreparedDataset, modalities: tuple[str, ...], build: bool, text_encoder: str,
+                          image_encoder: str, batch_size: int) -> None:
+    """Build the missing stores (every rank calls this: extraction splits items across processes)."""
+    needed = [m for m in ("text", "image") if m in modalities]
+    missing = [m for m in needed if open_store(data, m) is None]
+    if not missing:
+        return
+    if not build:
+        raise DataError(f"{data.root}: no feature store for {missing} (run `cammsr extract --data {data.root}` "
+                        "or set data.build_features=true)")
+    from data_shards.features.extract import ExtractOptions, extract_features
+    extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
+                                               batch_size=batch_size, modalities=tuple(missing)))
+
+
+def load_item_inputs(data: PreparedDataset, modalities: tuple[str, ...], need_categories: bool,
+                     device: torch.device) -> ItemInputs:
+    tables = {}
+    for modality in ("text", "image"):
+        if modality in modalities:
+            store = open_store(data, modality)
+            if store is None:
+                raise DataError(f"{data.root}: the {modality} feature store is missing or incomplete")
+            tables[modality] = torch.from_numpy(np.asarray(store.features, dtype=np.float32)).to(device)
+    categories = has_category = None
+    levels = list(data.categories.get("levels", []))
+    if need_categories:
+        num_categories = len(data.categories.get("names", []))
+        if num_categories == 0:
+            raise DataError(f"{data.root}: the model uses category guidance but the dataset has no categories "
+                            "(set model.use_category_guidance=false)")
+        labels = np.zeros((data.num_items + 1, num_categories), dtype=np.float32)
+        for item in data.items():
+            if item.labels:
+                labels[item.item_id, item.labels] = 1.0
+        categories = torch.from_numpy(labels).to(device)
+        has_category = categories.sum(dim=1) > 0
+    return ItemInputs(tables.get("text"), tables.get("image"), categories, has_category, levels)

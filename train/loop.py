@@ -1,0 +1,278 @@
+"""The trainer: builds the components from the config and runs epochs, validation, early stopping, checkpoints.
+
+One code path for every world size (1 process is a world of one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cammsr.factory import build_model
+from data_shards.reader import PreparedDataset
+from train.checkpoint import Checkpointer, atomic_write_text
+from train.config import Config, ConfigError
+from train.data import LocalSequences, TrainPlan
+from train.distributed import DistEnv, init_distributed, shutdown
+from train.embeddings import build_item_table, describe_plan
+from train.engine import build_engine, compute_dtype
+from train.evaluate import evaluate
+from train.items import ensure_feature_stores, load_item_inputs
+from train.monitor import Monitor, write_metrics
+from train.step import model_inputs, training_loss
+
+
+def data_fingerprint(data: PreparedDataset) -> str:
+    shards = data.manifest["shards"]
+    payload = [e["sha256"] for e in shards["items"] + shards["users"]]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.env = env = init_distributed(cfg.distributed.timeout_s, cfg.distributed.backend)
+        self.checkpointer = Checkpointer(self.run_dir, env.rank, cfg.checkpoint.keep)
+        if not resume and self.checkpointer.latest_tag() is not None:
+            raise ConfigError(f"--run-dir {self.run_dir} already holds a run with checkpoints; pass --resume to "
+                              "continue it or choose a new run directory")
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        data = PreparedDataset(cfg.data.path, verify=env.is_main)
+        if env.world_size > 1:
+            dist.barrier()
+        model_cfg = cfg.model
+        uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
+        ensure_feature_stores(data, tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
+                              cfg.data.image_encoder, cfg.data.extract_batch_size)
+        need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
+        self.items = load_item_inputs(data, tuple(uses), need_categories, env.device)
+        if need_categories and model_cfg.category_levels is None and len(set(self.items.category_levels)) > 1:
+            model_cfg = dataclasses.replace(model_cfg, category_levels=self.items.category_levels)
+            cfg.model = model_cfg
+        self.category_names = list(data.categories.get("names", []))
+        self.data_fp, self.config_fp = data_fingerprint(data), cfg.fingerprint()
+        if env.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+
+        self.local = LocalSequences(data, env.rank, env.world_size)
+        self.plan = TrainPlan(self.local, model_cfg.sequence_mode, model_cfg.max_seq_len, cfg.train.batch_size,
+                              cfg.train.seed, env.rank, env.world_size)
+        self.num_items = data.num_items
+        _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
+        model = build_model(model_cfg, self.items.num_categories, self.items.text_dim, self.items.image_dim)
+        self.table = build_item_table(data.num_items, model_cfg.hidden_size, cfg.embedding.backend,
+                                      cfg.embedding.sharding, cfg.embedding.optimizer, cfg.embedding.lr,
+                                      cfg.embedding.eps, cfg.train.seed + 1, model_cfg.init_method, env.device)
+        model.to(env.device)
+        total_steps = self.plan.steps_per_epoch * cfg.train.max_epochs
+        self.engine, self.scheduler = build_engine(model, cfg.train, env.world_size, total_steps)
+        self.dtype = compute_dtype(cfg.train)
+        _seed_all(cfg.train.seed + 1000 * (env.rank + 1))  # dropout / swap draws differ across ranks
+        self.monitor = Monitor(self.run_dir, cfg.logging.tensorboard, env.is_main)
+        self.monitor.config_text(cfg.to_yaml())
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None,
+                      "bad_rounds": 0, "best_valid": None, "best_test": None, "best_tag": None, "history": [],
+                      "stopped_early": False}
+        _log(env, f"world size {env.world_size} ({env.backend}, {env.device}); {self.plan.num_users:,} users, "
+                  f"{self.num_items:,} items, {self.plan.num_samples:,} training samples "
+                  f"({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} steps/epoch of {cfg.train.batch_size}; "
+                  f"ID table: {cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO "
+                  f"{cfg.train.zero_stage}, {cfg.train.precision}")
+        if resume and self.checkpointer.latest_tag() is not None:
+            saved = self.checkpointer.load(self.table, self.engine, cfg.to_dict(), self.config_fp, self.data_fp)
+            self.state.update({k: v for k, v in saved.items() if k in self.state})
+            _log(env, f"resumed from {saved['tag']}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def model(self):
+        return self.engine.module
+
+    def _checkpoint(self, tag_epoch: int, tag_step: int) -> None:
+        if not self.cfg.checkpoint.enabled:
+            return
+        tag = f"ep{tag_epoch:04d}-st{tag_step:07d}"
+        state = dict(self.state, config=self.cfg.to_dict(), config_fingerprint=self.config_fp,
+                     data_fingerprint=self.data_fp, world_size=self.env.world_size)
+        self.checkpointer.save(tag, self.table, self.engine, state, self.state.get("best_tag"))
+        self._last_tag = tag
+
+    def _evaluate(self, split: str) -> dict:
+        cfg = self.cfg
+        return evaluate(self.model, self.table, self.items, self.local, split, cfg.model.max_seq_len,
+                        cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype)
+
+    def _write_metrics(self) -> None:
+        if not self.env.is_main:
+            return
+        s = self.state
+        write_metrics(self.run_dir, {
+            "valid": s["best_valid"], "test": s["best_test"], "best_epoch": s["best_epoch"],
+            "selection_metric": f"valid {self.cfg.eval.metric}", "epochs_run": s["epoch"],
+            "stopped_early": s["stopped_early"], "history": s["history"], "world_size": self.env.world_size,
+            "config_fingerprint": self.config_fp, "data_fingerprint": self.data_fp})
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch) -> tuple:
+        batch = batch.to(self.env.device)
+        seq_emb, all_rows = self.table.lookup(batch.item_seq)
+        items, dtype = self.items, self.dtype
+        output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
+        candidates = self.model.item_candidates(all_rows.to(dtype), *(None if t is None else t.to(dtype)
+                                                                     for t in (items.text, items.image)))
+        terms = training_loss(self.model, output, candidates, batch, self.cfg.train.mscl_negatives)
+        self.engine.backward(terms.total)
+        self.engine.step()
+        self.table.step()
+        return terms, output, batch
+
+    def _signals(self, output, batch, acc: dict) -> None:
+        """Accumulate CAMMSR's own signals: modality weight per category, expert usage."""
+        if output.modality_weights is not None and self.items.categories is not None:
+            cats = self.items.categories[batch.item_seq]  # [B, L, C]
+            mask = (output.valid & batch.real[:, None] & self.items.has_category[batch.item_seq]).float()
+            w = output.modality_weights.detach().float() * mask[..., None]
+            acc["weights"] = acc.get("weights", 0) + torch.einsum("blm,blc->cm", w, cats)
+            acc["counts"] = acc.get("counts", 0) + torch.einsum("bl,blc->c", mask, cats)
+        usage = output.expert_usage()
+        if usage is not None:
+            acc["usage"] = acc.get("usage", 0) + usage.detach().float()
+            acc["usage_n"] = acc.get("usage_n", 0) + 1
+
+    def train(self) -> dict:
+        cfg, env, s = self.cfg, self.env, self.state
+        every, log_every = cfg.checkpoint.every_steps, cfg.logging.every_steps
+        self.engine.train()
+        while s["epoch"] < cfg.train.max_epochs and not s["stopped_early"]:
+            epoch = s["epoch"]
+            start = time.perf_counter()
+            window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
+            signals: dict = {}
+            epoch_loss, epoch_n = torch.zeros(4), 0
+            for step, batch in self.plan.epoch_batches(epoch, s["step_in_epoch"]):
+                window["samples"] += int(batch.real.sum())  # CPU tensors: no device sync
+                window["tokens"] += int(batch.seq_len[batch.real].sum())
+                terms, output, batch = self.train_step(batch)
+                values = torch.stack([terms.total, terms.recommendation, terms.mscl, terms.category]).detach()
+                window["loss"] = window["loss"] + values.float()  # stays on the device until logged
+                window["n"] += 1
+                self._signals(output, batch, signals)
+                s["global_step"] += 1
+                s["step_in_epoch"] = step + 1
+                if s["global_step"] % log_every == 0 or step + 1 == self.plan.steps_per_epoch:
+                    epoch_loss += window["loss"].cpu()
+                    epoch_n += window["n"]
+                    self._log_window(window)
+                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
+                if every and s["global_step"] % every == 0 and step + 1 < self.plan.steps_per_epoch:
+                    self._checkpoint(epoch, step + 1)
+            elapsed = time.perf_counter() - start
+            losses = epoch_loss / max(epoch_n, 1)
+            _log(env, f"epoch {epoch}: loss {losses[0]:.4f} (rec {losses[1]:.4f}, mscl {losses[2]:.4f}) "
+                      f"in {elapsed:.1f}s")
+            self._log_signals(signals)
+            s["epoch"], s["step_in_epoch"] = epoch + 1, 0
+            last = s["epoch"] >= cfg.train.max_epochs
+            if (epoch + 1) % cfg.eval.every == 0 or last:
+                self._validate(epoch, elapsed)
+            if (epoch + 1) % cfg.eval.every == 0 or last or s["stopped_early"]:
+                self._checkpoint(s["epoch"], 0)
+        self._write_metrics()
+        self.monitor.flush()
+        return {"valid": s["best_valid"], "test": s["best_test"]}
+
+    def _log_window(self, window: dict) -> None:
+        env, s = self.env, self.state
+        counts = torch.tensor([window["samples"], window["tokens"]], dtype=torch.float64)
+        loss = window["loss"].detach().cpu().double() / max(window["n"], 1)
+        packed = torch.cat([counts, loss])
+        if env.world_size > 1:
+            dist.all_reduce(packed)
+        seconds = max(time.perf_counter() - window["t"], 1e-9)
+        loss = packed[2:] / env.world_size
+        step = s["global_step"]
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
+        self.monitor.scalars({
+            "train/loss/total": float(loss[0]), "train/loss/recommendation": float(loss[1]),
+            "train/loss/mscl": float(loss[2]), "train/loss/category": float(loss[3]), "train/lr": lr,
+            "perf/samples_per_s": float(packed[0]) / seconds, "perf/tokens_per_s": float(packed[1]) / seconds,
+            "perf/step_time_s": seconds / max(window["n"], 1)}, step)
+        self.monitor.memory(step)
+
+    def _log_signals(self, signals: dict) -> None:
+        if not signals:
+            return
+        packed = []
+        for key in ("weights", "counts", "usage"):
+            if key in signals:
+                tensor = signals[key].double()
+                if self.env.world_size > 1:
+                    dist.all_reduce(tensor)
+                packed.append((key, tensor.cpu()))
+        got = dict(packed)
+        usage = got.get("usage")
+        if usage is not None:
+            usage = usage / (signals["usage_n"] * self.env.world_size)
+        self.monitor.cammsr_signals(got.get("weights"), got.get("counts"), usage, self.cfg.model.modalities,
+                                    self.category_names, self.cfg.logging.max_category_scalars,
+                                    self.state["global_step"])
+
+    def _validate(self, epoch: int, epoch_seconds: float) -> None:
+        cfg, s = self.cfg, self.state
+        valid = self._evaluate("valid")
+        metric = valid[cfg.eval.metric]
+        record = {"epoch": epoch, "valid": valid, "epoch_seconds": round(epoch_seconds, 3)}
+        self.monitor.scalars({f"valid/{k}": v for k, v in valid.items() if k != "count"}, s["global_step"])
+        if s["best_metric"] is None or metric > s["best_metric"]:
+            test = self._evaluate("test")
+            self.monitor.scalars({f"test/{k}": v for k, v in test.items() if k != "count"}, s["global_step"])
+            s.update(best_metric=metric, best_epoch=epoch, bad_rounds=0, best_valid=valid, best_test=test,
+                     best_tag=f"ep{epoch + 1:04d}-st{0:07d}")
+            record["test"] = test
+        else:
+            s["bad_rounds"] += 1
+            if cfg.eval.patience and s["bad_rounds"] >= cfg.eval.patience:
+                s["stopped_early"] = True
+        s["history"].append(record)
+        _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} (best {s['best_metric']:.4f} at epoch "
+                       f"{s['best_epoch']}); test ndcg@10 at best {s['best_test']['ndcg@10']:.4f}"
+                       + ("; early stop" if s["stopped_early"] else ""))
+        self._write_metrics()
+        self.monitor.flush()
+
+    def close(self) -> None:
+        self.monitor.close()
+        shutdown()
+
+
+def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    trainer = Trainer(cfg, run_dir, resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "run_training", "describe_plan"]

@@ -1,0 +1,95 @@
+"""One training step's maths: model inputs, the global-batch loss, and MSCL with negatives from the global batch.
+
+Global-batch equivalence: the loss of each term is this rank's SHARE of the global mean (local sum / global
+count x world size). DeepSpeed averages dense gradients and TorchRec divides sparse gradients by the world size, so
+N processes compute exactly the gradient of one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from cammsr.base import LossTerms
+from cammsr.mscl import info_nce
+from cammsr.scoring import full_softmax_cross_entropy
+
+
+def model_inputs(batch, seq_emb: torch.Tensor, items, dtype: torch.dtype) -> tuple:
+    """Positional arguments of model.forward for a batch (features gathered by item id)."""
+    seq = batch.item_seq
+    text = None if items.text is None else items.text[seq].to(dtype)
+    image = None if items.image is None else items.image[seq].to(dtype)
+    cats = None if items.categories is None else items.categories[seq]
+    has = None if items.has_category is None else items.has_category[seq] & batch.real[:, None]
+    return seq, batch.seq_len, seq_emb.to(dtype), text, image, cats, has
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank's copy and returns this rank's slice
+    (works on gloo, which has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        world = dist.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def global_count(local: torch.Tensor) -> torch.Tensor:
+    total = local.detach().clone().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return total.clamp_min(1.0)
+
+
+def training_loss(model, output, candidates: torch.Tensor, batch, mscl_negatives: str) -> LossTerms:
+    """Loss terms of this rank, scaled so that their average over ranks is the global-batch loss."""
+    cfg = model.cfg
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    targets = batch.targets.reshape(-1)
+    n_local = (targets > 0).sum()
+    share = n_local.float() * world / global_count(n_local)
+    recommendation = full_softmax_cross_entropy(output.flat_user_vectors(), candidates.flatten(1), targets,
+                                                cfg.score_chunk_size)
+    zero = recommendation.new_zeros(())
+    total = recommendation * share
+    mscl = zero
+    if output.mscl_views:
+        real = batch.real
+        real_local = real.sum()
+        for view_a, view_b in output.mscl_views:
+            if mscl_negatives == "global":
+                # every rank computes the same global InfoNCE; the gather's backward sums the copies (x world)
+                # and the engines' averaging divides by world: exactly the single-process gradient.
+                mask = gather_rows(real[:, None].float()).squeeze(1) > 0
+                term = info_nce(gather_rows(view_a)[mask], gather_rows(view_b)[mask], cfg.mscl_temperature,
+                                cfg.mscl_bidirectional, cfg.mscl_reduction)
+                mscl = mscl + term
+                total = total + cfg.mscl_weight * term
+            else:
+                term = info_nce(view_a[real], view_b[real], cfg.mscl_temperature, cfg.mscl_bidirectional,
+                                cfg.mscl_reduction)
+                scale = (real_local.float() * world / global_count(real_local)
+                         if cfg.mscl_reduction == "mean" else float(world))
+                mscl = mscl + term * scale
+                total = total + cfg.mscl_weight * term * scale
+    category = zero if output.category_loss is None else output.category_loss
+    if cfg.aux_category_loss_weight:
+        total = total + cfg.aux_category_loss_weight * category * share
+    # each term is this rank's share: their mean over ranks is the global-batch value (what is logged)
+    return LossTerms(total, recommendation * share, mscl, category * share)
