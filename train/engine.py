@@ -57,7 +57,8 @@ def client_optimizer(train: TrainConfig, params) -> torch.optim.Optimizer:
 def _register_external_parameters(model: nn.Module) -> None:
     """ZeRO-3 gathers a module's parameters when that module's forward runs. Parameters read directly by a parent
     (e.g. `self.position.weight`) are registered on the parent so they are gathered there too."""
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
+    register_external_parameter = deepspeed.zero.register_external_parameter
     for parent in model.modules():
         for child in parent.children():
             if isinstance(child, nn.Embedding):

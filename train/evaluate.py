@@ -1,5 +1,7 @@
-"""Exact distributed full ranking: every rank ranks ITS users (each user on one rank) against all items; metric
-sums and the user count are all-reduced, then divided once. No padded duplicates: ranks that run out of users run
+"""Exact distributed full ranking: every rank ranks ITS users (each user on one rank) against all items; what is
+all-reduced is integer: the number of users at each rank 1..max(ks) and the user count. Metric sums are computed
+from that histogram in a fixed order, so the result is bit-identical for every world size (summing float metric
+sums across ranks would differ in the last bits with the summation order). No padded duplicates: ranks that run out of users run
 masked dummy chunks (so ZeRO-3's per-forward collectives stay in step) which count for nothing.
 """
 
@@ -9,7 +11,7 @@ import numpy as np
 import torch
 
 from cammsr.base import ModelOutput
-from cammsr.metrics import accumulate, ranking_metric_sums, sums_to_means
+from cammsr.metrics import ranking_metric_sums, sums_to_means
 from train.data import Batch, LocalSequences, eval_batches
 from train.distributed import all_reduce_sum
 from train.step import model_inputs
@@ -45,19 +47,21 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
         torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
     batches = list(eval_batches(local, split, max_len, batch_size))
     batches += [_dummy(max_len)] * (int(chunks) - len(batches))
-    total = None
+    top = max(ks)
+    histogram = torch.zeros(top + 2, dtype=torch.long, device=device)  # [rank 1..top, > top] at 1..top+1
     for batch in batches:
         batch = batch.to(device)
         seq_emb = id_rows[batch.item_seq] * (batch.item_seq != 0)[..., None]
         output = model(*model_inputs(batch, seq_emb, items, dtype))
         ranks = model.rank_targets(last_position(output, batch.seq_len), candidates, batch.targets)
-        total = accumulate(total, ranking_metric_sums(ranks, ks, valid=batch.real))
-    sums = torch.stack([total[name] for name in sorted(total)]).to(device)
-    all_reduce_sum(sums)
-    reduced = {name: sums[i].cpu() for i, name in enumerate(sorted(total))}
+        histogram += torch.bincount(ranks.clamp(max=top + 1)[batch.real], minlength=top + 2)
+    all_reduce_sum(histogram)
     model.train(was_training)
-    means = sums_to_means(reduced)
-    means["count"] = int(round(float(reduced["count"])))
+    histogram = histogram.cpu()
+    levels = torch.arange(1, top + 2)
+    sums = ranking_metric_sums(levels, ks, valid=histogram[1:].double())
+    means = sums_to_means(sums)
+    means["count"] = int(histogram.sum())
     return means
 
 

@@ -68,9 +68,11 @@ def load_item_inputs(data: PreparedDataset, modalities: tuple[str, ...], need_ca
             raise DataError(f"{data.root}: the model uses category guidance but the dataset has no categories "
                             "(set model.use_category_guidance=false)")
         labels = np.zeros((data.num_items + 1, num_categories), dtype=np.float32)
-        for item in data.items():
-            if item.labels:
-                labels[item.item_id, item.labels] = 1.0
+        from train.data import whole_shards
+        with whole_shards():
+            for item in data.items():
+                if item.labels:
+                    labels[item.item_id, item.labels] = 1.0
         categories = torch.from_numpy(labels).to(device)
         has_category = categories.sum(dim=1) > 0
     return ItemInputs(tables.get("text"), tables.get("image"), categories, has_category, levels)
