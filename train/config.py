@@ -176,6 +176,11 @@ def _check_type(key: str, value, hint):
             raise ConfigError(f"{key}={value!r}: expected an integer, got {type(value).__name__}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number, got {type(value).__name__}")
         return float(value)

@@ -1,0 +1,67 @@
+"""Config tree: YAML + overrides, validation that names the key, refusal before any work."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_and_aliases():
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", ["model=sasrec", "max_epochs=3", "train.lr=2e-3",
+                                                         "model.mscl_pairs=[[id, text]]", "eval.ks=[5, 10, 20]"],
+                      world_size=1, cuda=False)
+    assert cfg.model.name == "sasrec" and cfg.train.max_epochs == 3 and cfg.train.lr == 2e-3
+    assert cfg.model.mscl_pairs == (("id", "text"),) and cfg.eval.ks == (5, 10, 20)
+    assert "max_epochs: 3" in cfg.to_yaml()
+    same = load_config(ROOT / "configs" / "ml100k.yaml", ["model=sasrec", "max_epochs=9", "train.lr=2e-3",
+                                                          "model.mscl_pairs=[[id, text]]", "eval.ks=[5, 10, 20]"])
+    assert same.fingerprint() == cfg.fingerprint()  # the epoch cap does not change the run's maths
+    assert load_config(None, ["train.lr=1e-2"]).fingerprint() != cfg.fingerprint()
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.lrr=1"], "train.lrr"),
+    (["nonsense=1"], "nonsense"),
+    (["train.batch_size=big"], "train.batch_size"),
+    (["train.batch_size=1.5"], "train.batch_size"),
+    (["model.use_dyt=3"], "model.use_dyt"),
+    (["train.precision=fp16"], "train.precision"),
+    (["train.zero_stage=2", "train.optimizer=sgd"], "train.optimizer"),
+    (["train.zero_stage=5"], "train.zero_stage"),
+    (["embedding.sharding=diagonal"], "embedding.sharding"),
+    (["model.num_heads=3"], "num_heads"),
+    (["lr=0.1"], "train.lr"),  # ambiguous: train.lr or embedding.lr
+    (["eval.metric=ndcg@20"], "eval.metric"),
+    (["model.loss_type=sampled_softmax"], "model.loss_type"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, override, world_size=1, cuda=False)
+
+
+def test_torch_backend_is_single_process_only():
+    with pytest.raises(ConfigError, match="embedding.backend"):
+        load_config(None, ["embedding.backend=torch"], world_size=2, cuda=False)
+
+
+def test_unknown_section_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(path)
+
+
+def test_command_stops_before_any_work(tmp_path):
+    """The CLI refuses a bad config with exit code 2 and a message naming the key, without touching the run dir."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "train.command", "--data", str(tmp_path), "--run-dir",
+                           str(tmp_path / "run"), "train.precision=fp16"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.precision" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    assert time.perf_counter() - start < 30

@@ -1,0 +1,192 @@
+"""Real multi-process runs on CPU (gloo, no mocks): 1 process == 2 processes == 2 nodes on the same global batches,
+exact distributed evaluation, kill + resume == uninterrupted, a dead rank fails the job, TensorBoard tags."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from data_shards.features.store import write_store
+from data_shards.prepare import PrepareOptions, prepare
+from data_shards.reader import PreparedDataset
+from data_shards.sources.synthetic import generate_synthetic
+from train.parity import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+# Tiny CAMMSR, fp32, no dropout, deterministic modality swap (prob 1): every random draw is rank-independent.
+# Adam eps 1e-3: the attention key bias has an exactly-zero true gradient (softmax shift invariance); with a tiny eps
+# Adam turns its float-rounding noise into lr-sized steps that differ with the summation order.
+TINY = ["train.precision=fp32", "train.eps=0.001", "model.hidden_size=8", "model.max_seq_len=6",
+        "model.num_layers=1", "model.num_heads=1", "model.num_experts=2", "model.ffn_inner_size=16",
+        "model.hidden_dropout=0.0", "model.attn_dropout=0.0", "model.mscl_swap_prob=1.0", "train.batch_size=64"]
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """81 users (not divisible by 2), 60 items, 3-level categories, random text/image feature stores."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(generate_synthetic(num_items=60, num_users=81, seed=1, with_images=False), out,
+            PrepareOptions(k_core=1))
+    data = PreparedDataset(out)
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, data.num_items + 1)
+    for modality, dim in (("text", 12), ("image", 10)):
+        write_store(data, modality, ids, rng.standard_normal((len(ids), dim)).astype(np.float32),
+                    {"encoder": "random test vectors"})
+    assert data.num_users % 2 == 1
+    return out
+
+
+def _run(cmd, timeout=240, **kw):
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "one.pt"
+    _run([PY, "-m", "train.parity", "--data", str(dataset), "--out", str(out), "--steps", "3", *TINY])
+    return torch.load(out, weights_only=False)
+
+
+def test_two_processes_equal_one_process_zero_1_2_3(dataset, reference, tmp_path):
+    """Same global batches: losses, ID table and dense weights within 1e-5, validation/test metrics identical
+    (81 users over 2 ranks: exact sum and count, no padded duplicates)."""
+    out = tmp_path / "two.pt"
+    _run([str(ROOT / "launch" / "single_node.sh"), "--nproc", "2", "--python", PY, "--module", "train.parity", "--",
+          "--data", str(dataset), "--out", str(out), "--steps", "3", *TINY])
+    two = torch.load(out, weights_only=False)
+    assert set(two) == {1, 2, 3} and two[1]["world_size"] == 2
+    assert compare(reference, two, 1e-5) == []
+    for stage in two:
+        assert two[stage]["metrics_before"] == reference[stage]["metrics_before"]  # exact
+        assert two[stage]["metrics_before"]["valid"]["count"] == 81
+
+
+def test_two_nodes_rendezvous_match(dataset, reference, tmp_path):
+    """2 nodes x 1 process on localhost through the torchrun c10d rendezvous (launch/multi_node.sh)."""
+    out = tmp_path / "nodes.pt"
+    port = _port()
+    cmds = [[str(ROOT / "launch" / "multi_node.sh"), "--nnodes", "2", "--nproc", "1", "--rdzv", f"127.0.0.1:{port}",
+             "--node-rank", str(rank), "--job-id", "test", "--python", PY, "--module", "train.parity", "--",
+             "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", "2", *TINY] for rank in (0, 1)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in cmds]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-4000:] + outputs[1][-4000:]
+    nodes = torch.load(out, weights_only=False)
+    assert nodes[2]["world_size"] == 2
+    assert compare({2: reference[2]}, nodes, 1e-5) == []
+
+
+def test_torch_backend_matches_torchrec(dataset, reference, tmp_path):
+    """The plain-torch table (chosen explicitly, one process) runs the same sparse maths as TorchRec's kernels."""
+    out = tmp_path / "torch.pt"
+    _run([PY, "-m", "train.parity", "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", "1",
+          *TINY, "embedding.backend=torch"])
+    assert compare({1: reference[1]}, torch.load(out, weights_only=False), 1e-5) == []
+
+
+TRAIN = ["model.hidden_size=8", "model.max_seq_len=6", "model.num_layers=1", "model.num_heads=1",
+         "model.num_experts=2", "model.ffn_inner_size=16", "train.batch_size=128", "train.precision=fp32",
+         "logging.every_steps=2", "max_epochs=4", "eval.patience=0"]
+
+
+def _train_cmd(dataset, run_dir, *extra):
+    return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir), *TRAIN, *extra]
+
+
+def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path):
+    full = tmp_path / "full"
+    _run(_train_cmd(dataset, full))
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"ndcg@5", "ndcg@10", "mrr@5", "mrr@10", "recall@5", "recall@10"}
+    assert "ndcg@10" in metrics["valid"] and (full / "config.yaml").is_file()
+
+    # TensorBoard: the promised tags
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(full / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    scalars, histograms = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
+    for tag in ["train/loss/total", "train/loss/recommendation", "train/loss/mscl", "train/loss/category",
+                "train/lr", "perf/samples_per_s", "perf/tokens_per_s", "memory/rss_mb", "valid/ndcg@10",
+                "test/ndcg@10", "valid/mrr@5", "cammsr/modality_weight/id", "cammsr/modality_weight/image",
+                "cammsr/expert_usage/text/expert0"]:
+        assert tag in scalars, (tag, sorted(scalars)[:40])
+    assert "cammsr/modality_weight/by_category/text" in histograms
+    assert any(t.startswith("config") for t in acc.Tags()["tensors"])
+
+    # a run killed (SIGKILL) after its first checkpoint, then resumed, ends with the same metrics
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(dataset, killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (killed / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = json.loads((killed / "checkpoints" / "latest").read_text())["tag"]
+    # a different config cannot resume this run
+    bad = subprocess.run(_train_cmd(dataset, killed, "--resume", "train.lr=0.01"), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2 and "train.lr" in bad.stderr, bad.stderr[-2000:]
+    # without --resume the run dir is not overwritten
+    again = subprocess.run(_train_cmd(dataset, killed), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = _run(_train_cmd(dataset, killed, "--resume"))
+    assert "resumed from" in resumed.stdout
+    after = json.loads((killed / "metrics.json").read_text())
+    assert first.startswith("ep")
+    assert after["valid"] == metrics["valid"] and after["test"] == metrics["test"]
+    assert after["best_epoch"] == metrics["best_epoch"]
+
+
+def test_dead_rank_fails_the_job_quickly(dataset, tmp_path):
+    run_dir = tmp_path / "dead"
+    cmd = [str(ROOT / "launch" / "single_node.sh"), "--nproc", "2", "--python", PY, "--",
+           "--data", str(dataset), "--run-dir", str(run_dir), *TRAIN, "max_epochs=1000", "distributed.timeout_s=30"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, "the job ended before training"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "train.command" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert workers, "rank 1 not found"
+    workers[0].kill()
+    killed_at = time.time()
+    try:
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 90
+    assert "rank" in output.lower() and ("failed" in output.lower() or "error" in output.lower())
