@@ -17,6 +17,10 @@ from data_shards.media import IMAGE_EXTENSIONS
 from data_shards.problems import DataError
 
 
+def _every_shard(urls):
+    return urls
+
+
 @dataclass
 class ItemRecord:
     item_id: int
@@ -89,7 +93,9 @@ class PreparedDataset:
         for shard_id in range(len(paths)) if shard_ids is None else shard_ids:
             path = paths[shard_id]
             try:
-                yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+                # The caller chooses which shards each rank reads: no splitting by node or worker here.
+                yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False,
+                                          nodesplitter=_every_shard, workersplitter=_every_shard)
             except (tarfile.TarError, OSError, ValueError) as err:
                 raise DataError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from err
 

