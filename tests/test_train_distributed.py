@@ -111,13 +111,26 @@ def test_torch_backend_matches_torchrec(dataset, reference, tmp_path):
     assert compare({1: reference[1]}, torch.load(out, weights_only=False), 1e-5) == []
 
 
+def test_all_positions_mode_two_processes_equal_one(dataset, tmp_path):
+    """The all-positions (causal) training mode: same global-batch equivalence, causal router."""
+    mode = [*TINY, "train.batch_size=16", "model.sequence_mode=all_positions", "model.router_causal=true"]
+    dumps = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ap{nproc}.pt"
+        _run([str(ROOT / "launch" / "single_node.sh"), "--nproc", str(nproc), "--python", PY, "--module",
+              "train.parity", "--", "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", "1", *mode])
+        dumps[nproc] = torch.load(out, weights_only=False)
+    assert compare(dumps[1], dumps[2], 1e-5) == []
+
+
 TRAIN = ["model.hidden_size=8", "model.max_seq_len=6", "model.num_layers=1", "model.num_heads=1",
          "model.num_experts=2", "model.ffn_inner_size=16", "train.batch_size=128", "train.precision=fp32",
          "logging.every_steps=2", "max_epochs=4", "eval.patience=0"]
 
 
-def _train_cmd(dataset, run_dir, *extra):
-    return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir), *TRAIN, *extra]
+def _train_cmd(dataset, run_dir, *extra, resume=False):
+    return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir),
+            *(["--resume"] if resume else []), *TRAIN, *extra]
 
 
 def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path):
@@ -142,7 +155,8 @@ def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path
 
     # a run killed (SIGKILL) after its first checkpoint, then resumed, ends with the same metrics
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(dataset, killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    # (mid-epoch checkpoints too: the data position is a step inside an epoch; checkpointing is not in the maths)
+    proc = subprocess.Popen(_train_cmd(dataset, killed, "checkpoint.every_steps=3"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not (killed / "checkpoints" / "latest").exists():
@@ -152,14 +166,14 @@ def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path
     proc.wait()
     first = json.loads((killed / "checkpoints" / "latest").read_text())["tag"]
     # a different config cannot resume this run
-    bad = subprocess.run(_train_cmd(dataset, killed, "--resume", "train.lr=0.01"), cwd=ROOT, env=_env(),
+    bad = subprocess.run(_train_cmd(dataset, killed, "train.lr=0.01", resume=True), cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=240)
     assert bad.returncode == 2 and "train.lr" in bad.stderr, bad.stderr[-2000:]
     # without --resume the run dir is not overwritten
     again = subprocess.run(_train_cmd(dataset, killed), cwd=ROOT, env=_env(), capture_output=True, text=True,
                            timeout=240)
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = _run(_train_cmd(dataset, killed, "--resume"))
+    resumed = _run(_train_cmd(dataset, killed, "checkpoint.every_steps=3", resume=True))
     assert "resumed from" in resumed.stdout
     after = json.loads((killed / "metrics.json").read_text())
     assert first.startswith("ep")
