@@ -65,3 +65,17 @@ def test_command_stops_before_any_work(tmp_path):
     assert "train.precision" in proc.stderr
     assert not (tmp_path / "run").exists()
     assert time.perf_counter() - start < 30
+
+
+def test_missing_feature_store_without_build_is_refused(tmp_path):
+    from conftest import toy_interactions, toy_items, write_recbole
+    from data_shards.prepare import PrepareOptions, prepare
+    from data_shards.sources.recbole import read_recbole
+
+    folder = write_recbole(tmp_path / "raw", toy_interactions(), toy_items())
+    prepare(read_recbole(folder), tmp_path / "data", PrepareOptions(k_core=1))
+    proc = subprocess.run([sys.executable, "-m", "train.command", "--data", str(tmp_path / "data"), "--run-dir",
+                           str(tmp_path / "run"), "data.build_features=false"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cammsr extract" in proc.stderr and "feature store" in proc.stderr

@@ -5,7 +5,10 @@ Feature stores are built first (data_shards.features.extract) when the model nee
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ import torch
 from data_shards.features.store import open_store
 from data_shards.problems import DataError
 from data_shards.reader import PreparedDataset
+from train.distributed import read_env
 
 
 @dataclass
@@ -36,19 +40,39 @@ class ItemInputs:
         return 0 if self.categories is None else self.categories.shape[1]
 
 
-def ensure_feature_stores(data: PreparedDataset, modalities: tuple[str, ...], build: bool, text_encoder: str,
-                          image_encoder: str, batch_size: int) -> None:
-    """Build the missing stores (every rank calls this: extraction splits items across processes)."""
+def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, text_encoder: str,
+                          image_encoder: str, batch_size: int, wait_s: float = 4 * 3600) -> None:
+    """Build the missing stores BEFORE the process group exists (extraction can outlast a collective timeout):
+    global rank 0 extracts as a single process; the other ranks wait for the complete stores to appear (on a
+    shared file system; otherwise run `cammsr extract` on every node first)."""
     needed = [m for m in ("text", "image") if m in modalities]
+    if not needed:
+        return
+    data = PreparedDataset(root, verify=False)
     missing = [m for m in needed if open_store(data, m) is None]
     if not missing:
         return
     if not build:
         raise DataError(f"{data.root}: no feature store for {missing} (run `cammsr extract --data {data.root}` "
                         "or set data.build_features=true)")
-    from data_shards.features.extract import ExtractOptions, extract_features
-    extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
-                                               batch_size=batch_size, modalities=tuple(missing)))
+    rank, _, _ = read_env()
+    if rank == 0:
+        from data_shards.features.extract import ExtractOptions, extract_features
+        from train.data import whole_shards
+        hidden = {k: os.environ.pop(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ}
+        try:
+            with whole_shards():  # one process: accelerate and webdataset see a world of one
+                extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
+                                                           batch_size=batch_size, modalities=tuple(missing)))
+        finally:
+            os.environ.update(hidden)
+        return
+    deadline = time.time() + wait_s
+    while any(open_store(data, m) is None for m in missing):
+        if time.time() > deadline:
+            raise DataError(f"{data.root}: waited {wait_s:.0f}s for rank 0 to build the {missing} feature stores "
+                            "(not on a shared file system? run `cammsr extract` on every node first)")
+        time.sleep(5)
 
 
 def load_item_inputs(data: PreparedDataset, modalities: tuple[str, ...], need_categories: bool,

@@ -51,6 +51,11 @@ def _log(env: DistEnv, message: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        model_cfg = cfg.model
+        uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
+        # before the process group: extraction may take longer than a collective timeout
+        ensure_feature_stores(Path(cfg.data.path), tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
+                              cfg.data.image_encoder, cfg.data.extract_batch_size)
         self.env = env = init_distributed(cfg.distributed.timeout_s, cfg.distributed.backend)
         self.checkpointer = Checkpointer(self.run_dir, env.rank, cfg.checkpoint.keep)
         if not resume and self.checkpointer.latest_tag() is not None:
@@ -61,10 +66,6 @@ class Trainer:
         data = PreparedDataset(cfg.data.path, verify=env.is_main)
         if env.world_size > 1:
             dist.barrier()
-        model_cfg = cfg.model
-        uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
-        ensure_feature_stores(data, tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
-                              cfg.data.image_encoder, cfg.data.extract_batch_size)
         need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
         self.items = load_item_inputs(data, tuple(uses), need_categories, env.device)
         if need_categories and model_cfg.category_levels is None and len(set(self.items.category_levels)) > 1:
@@ -99,6 +100,8 @@ class Trainer:
                   f"({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} steps/epoch of {cfg.train.batch_size}; "
                   f"ID table: {cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO "
                   f"{cfg.train.zero_stage}, {cfg.train.precision}")
+        if resume and self.checkpointer.latest_tag() is None:
+            _log(env, f"--resume: no checkpoint in {self.run_dir} yet; starting the run")
         if resume and self.checkpointer.latest_tag() is not None:
             saved = self.checkpointer.load(self.table, self.engine, cfg.to_dict(), self.config_fp, self.data_fp)
             self.state.update({k: v for k, v in saved.items() if k in self.state})
@@ -208,7 +211,9 @@ class Trainer:
         loss = window["loss"].detach().cpu().double() / max(window["n"], 1)
         packed = torch.cat([counts, loss])
         if env.world_size > 1:
+            packed = packed.to(env.device)  # nccl reduces device tensors only
             dist.all_reduce(packed)
+            packed = packed.cpu()
         seconds = max(time.perf_counter() - window["t"], 1e-9)
         loss = packed[2:] / env.world_size
         step = s["global_step"]
