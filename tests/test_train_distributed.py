@@ -103,6 +103,18 @@ def test_two_nodes_rendezvous_match(dataset, reference, tmp_path):
     assert compare({2: reference[2]}, nodes, 1e-5) == []
 
 
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_other_launchers_match(dataset, reference, tmp_path, launcher):
+    """The deepspeed launcher and accelerate launch run the same entry point with the same result."""
+    out = tmp_path / f"{launcher}.pt"
+    script = "deepspeed_hostfile.sh" if launcher == "deepspeed" else "accelerate.sh"
+    _run([str(ROOT / "launch" / script), "--nproc", "2", "--port", str(_port()), "--module", "train.parity", "--",
+          "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", "1", *TINY])
+    got = torch.load(out, weights_only=False)
+    assert got[1]["world_size"] == 2
+    assert compare({1: reference[1]}, got, 1e-5) == []
+
+
 def test_torch_backend_matches_torchrec(dataset, reference, tmp_path):
     """The plain-torch table (chosen explicitly, one process) runs the same sparse maths as TorchRec's kernels."""
     out = tmp_path / "torch.pt"
