@@ -166,11 +166,14 @@ def write_dataset(data: CanonicalDataset, raw: RawDataset, out: Path, processing
                 return manifest, "unchanged (an identical dataset was already there)"
             if not overwrite:
                 old = json.loads((out / MANIFEST).read_text())
+                new = json.loads(json.dumps(manifest))
+                differing = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
                 raise DataError(
                     f"--out {out} already holds a different dataset ({old.get('name')!r}: "
                     f"{old.get('num_users')} users, {old.get('num_items')} items, "
                     f"{old.get('num_interactions')} interactions; new: {manifest['num_users']} users, "
-                    f"{manifest['num_items']} items, {manifest['num_interactions']} interactions); "
+                    f"{manifest['num_items']} items, {manifest['num_interactions']} interactions; manifest "
+                    f"fields that differ: {', '.join(differing)}); "
                     "pass --overwrite to replace it")
         if out.exists():
             retired = out.parent / f".{out.name}.replaced-{os.getpid()}"

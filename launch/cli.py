@@ -7,6 +7,8 @@ from pathlib import Path
 
 from data_shards.prepare import PrepareOptions, prepare
 from data_shards.problems import DataError
+from train.command import add_train_command
+from train.config import ConfigError
 
 
 def _comma_list(value: str) -> list[str]:
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prepare(commands)
     _add_extract(commands)
+    add_train_command(commands)
     return parser
 
 
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, ConfigError, FileNotFoundError) as err:
         print(f"cammsr {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
