@@ -14,8 +14,6 @@ Leave-one-out: last item = test target, second to last = validation target, earl
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,23 +22,6 @@ import torch
 from data_shards.problems import DataError
 from data_shards.reader import PreparedDataset
 from train.distributed import all_gather_objects
-
-
-@contextmanager
-def whole_shards():
-    """Let this process read every shard: data_shards' reader splits users itself (`user_sequences(rank, world)`),
-    but webdataset's default node splitter refuses to open shards when RANK/WORLD_SIZE say world > 1. Workaround
-    (until the reader passes an explicit nodesplitter): present a world of one to webdataset while reading."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass
@@ -64,8 +45,7 @@ class LocalSequences:
 
     def __init__(self, data: PreparedDataset, rank: int, world_size: int):
         users, arrays = [], []
-        with whole_shards():
-            sequences = list(data.user_sequences(rank, world_size))
+        sequences = list(data.user_sequences(rank, world_size))
         for seq in sequences:
             if len(seq.items) < 3:
                 raise DataError(f"user {seq.user_id} ({seq.original_id}) has {len(seq.items)} interactions; "

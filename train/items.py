@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,17 @@ class ItemInputs:
         return 0 if self.categories is None else self.categories.shape[1]
 
 
+@contextmanager
+def _alone():
+    """Rank 0 extracts before the process group exists: accelerate must see a world of one."""
+    hidden = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+              if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
 def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, text_encoder: str,
                           image_encoder: str, batch_size: int, wait_s: float = 4 * 3600) -> None:
     """Build the missing stores BEFORE the process group exists (extraction can outlast a collective timeout):
@@ -58,14 +70,9 @@ def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, 
     rank, _, _ = read_env()
     if rank == 0:
         from data_shards.features.extract import ExtractOptions, extract_features
-        from train.data import whole_shards
-        hidden = {k: os.environ.pop(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ}
-        try:
-            with whole_shards():  # one process: accelerate and webdataset see a world of one
-                extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
-                                                           batch_size=batch_size, modalities=tuple(missing)))
-        finally:
-            os.environ.update(hidden)
+        with _alone():
+            extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
+                                                       batch_size=batch_size, modalities=tuple(missing)))
         return
     deadline = time.time() + wait_s
     while any(open_store(data, m) is None for m in missing):
@@ -92,11 +99,9 @@ def load_item_inputs(data: PreparedDataset, modalities: tuple[str, ...], need_ca
             raise DataError(f"{data.root}: the model uses category guidance but the dataset has no categories "
                             "(set model.use_category_guidance=false)")
         labels = np.zeros((data.num_items + 1, num_categories), dtype=np.float32)
-        from train.data import whole_shards
-        with whole_shards():
-            for item in data.items():
-                if item.labels:
-                    labels[item.item_id, item.labels] = 1.0
+        for item in data.items():
+            if item.labels:
+                labels[item.item_id, item.labels] = 1.0
         categories = torch.from_numpy(labels).to(device)
         has_category = categories.sum(dim=1) > 0
     return ItemInputs(tables.get("text"), tables.get("image"), categories, has_category, levels)
