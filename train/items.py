@@ -54,25 +54,26 @@ def _alone():
 
 def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, text_encoder: str,
                           image_encoder: str, batch_size: int, wait_s: float = 4 * 3600) -> None:
-    """Build the missing stores BEFORE the process group exists (extraction can outlast a collective timeout):
-    global rank 0 extracts as a single process; the other ranks wait for the complete stores to appear (on a
-    shared file system; otherwise run `cammsr extract` on every node first)."""
+    """Make the stores current BEFORE the process group exists (extraction can outlast a collective timeout):
+    global rank 0, as a single process, reuses each store whose fingerprint matches the configured encoder and
+    rebuilds a missing or stale one; the other ranks wait for complete stores to appear (on a shared file
+    system; otherwise run `cammsr extract` on every node first)."""
     needed = [m for m in ("text", "image") if m in modalities]
     if not needed:
         return
     data = PreparedDataset(root, verify=False)
     missing = [m for m in needed if open_store(data, m) is None]
-    if not missing:
-        return
     if not build:
-        raise DataError(f"{data.root}: no feature store for {missing} (run `cammsr extract --data {data.root}` "
-                        "or set data.build_features=true)")
+        if missing:
+            raise DataError(f"{data.root}: no feature store for {missing} (run `cammsr extract --data {data.root}` "
+                            "or set data.build_features=true)")
+        return
     rank, _, _ = read_env()
     if rank == 0:
         from data_shards.features.extract import ExtractOptions, extract_features
         with _alone():
             extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
-                                                       batch_size=batch_size, modalities=tuple(missing)))
+                                                       batch_size=batch_size, modalities=tuple(needed)))
         return
     deadline = time.time() + wait_s
     while any(open_store(data, m) is None for m in missing):
