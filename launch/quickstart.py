@@ -87,4 +87,3 @@ def _print_summary(run_dir: Path, summary: dict, plots: list[Path]) -> None:
     print(f"runs:         {run_dir / 'cammsr'} and {run_dir / 'sasrec'} (metrics.json, config.yaml, checkpoints/)")
     print("report:       " + ", ".join(str(p) for p in plots))
     print(f"TensorBoard:  tensorboard --logdir {run_dir}")
-    print(f"recommend:    cammsr recommend --run {run_dir / 'cammsr'} --history I000001,I000002")
