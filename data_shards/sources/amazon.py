@@ -53,15 +53,11 @@ def _records(path: Path, problems: ProblemLog, scratch: Path):
             shutil.copyfileobj(source, target)
         path = plain
     budget = BadLineBudget(path, problems, f"malformed_{path.stem}_line")
-    for number, line in read_lines(path, problems):
-        if not line.strip():
-            continue
-        budget.seen()
+    for number, line in budget.over(read_lines(path, problems)):
         try:
             yield number, _parse_record(line), budget
         except (ValueError, SyntaxError) as err:
             budget.bad_line(number, f"not a JSON/Python object ({err}): {line[:80]!r}")
-    budget.check()
 
 
 def _category_paths(record: dict) -> list[list[str]]:

@@ -29,10 +29,7 @@ def _split_title(title: str) -> tuple[str, str]:
 def _ratings(path: Path, sep: str, problems: ProblemLog):
     users, items, timestamps = [], [], []
     budget = BadLineBudget(path, problems, "malformed_rating_line")
-    for number, line in read_lines(path, problems, encoding="latin-1"):
-        if not line.strip():
-            continue
-        budget.seen()
+    for number, line in budget.over(read_lines(path, problems, encoding="latin-1")):
         fields = line.split(sep)
         try:
             user, item, _, when = fields
@@ -42,17 +39,13 @@ def _ratings(path: Path, sep: str, problems: ProblemLog):
             continue
         users.append(user.strip())
         items.append(item.strip())
-    budget.check()
     return users, items, timestamps
 
 
 def _ml100k_movies(path: Path, problems: ProblemLog) -> dict[str, RawItem]:
     catalogue = {}
     budget = BadLineBudget(path, problems, "malformed_movie_line")
-    for number, line in read_lines(path, problems, encoding="latin-1"):
-        if not line.strip():
-            continue
-        budget.seen()
+    for number, line in budget.over(read_lines(path, problems, encoding="latin-1")):
         fields = line.split("|")
         if len(fields) != 5 + len(ML100K_GENRES):
             budget.bad_line(number, f"{len(fields)} fields, expected {5 + len(ML100K_GENRES)}")
@@ -62,17 +55,13 @@ def _ml100k_movies(path: Path, problems: ProblemLog) -> dict[str, RawItem]:
                   and name != "unknown"]
         catalogue[fields[0]] = RawItem(original_id=fields[0], text_fields={"title": title, "year": year},
                                        categories=genres)
-    budget.check()
     return catalogue
 
 
 def _ml1m_movies(path: Path, problems: ProblemLog) -> dict[str, RawItem]:
     catalogue = {}
     budget = BadLineBudget(path, problems, "malformed_movie_line")
-    for number, line in read_lines(path, problems, encoding="latin-1"):
-        if not line.strip():
-            continue
-        budget.seen()
+    for number, line in budget.over(read_lines(path, problems, encoding="latin-1")):
         fields = line.split("::")
         if len(fields) != 3:
             budget.bad_line(number, f"expected movie::title::genres: {line[:80]!r}")
@@ -80,7 +69,6 @@ def _ml1m_movies(path: Path, problems: ProblemLog) -> dict[str, RawItem]:
         title, year = _split_title(fields[1])
         catalogue[fields[0]] = RawItem(original_id=fields[0], text_fields={"title": title, "year": year},
                                        categories=[[g] for g in fields[2].split("|") if g.strip()])
-    budget.check()
     return catalogue
 
 

@@ -54,10 +54,7 @@ def _read_interactions(path: Path, problems: ProblemLog) -> tuple[list[str], lis
     user_col = _column(columns, ("user_id",), path)
     item_col = _column(columns, ("item_id",), path)
     time_col = _column(columns, ("timestamp",), path)
-    for number, line in lines:
-        if not line.strip():
-            continue
-        budget.seen()
+    for number, line in budget.over(lines):
         fields = line.split("\t")
         if len(fields) != len(columns):
             budget.bad_line(number, f"{len(fields)} columns, header has {len(columns)}: {line[:80]!r}")
@@ -73,7 +70,6 @@ def _read_interactions(path: Path, problems: ProblemLog) -> tuple[list[str], lis
         users.append(fields[user_col])
         items.append(fields[item_col])
         timestamps.append(timestamp)
-    budget.check()
     return users, items, timestamps
 
 
@@ -107,10 +103,7 @@ def _read_catalogue(path: Path, problems: ProblemLog, text_fields: list[str] | N
             raise DataError(f"{path}: --text-fields names {field!r}, which is not a column ({names})")
     budget = BadLineBudget(path, problems, "malformed_item_line")
     rows: dict[str, list[str]] = {}
-    for number, line in lines:
-        if not line.strip():
-            continue
-        budget.seen()
+    for number, line in budget.over(lines):
         fields = line.split("\t")
         if len(fields) != len(columns):
             budget.bad_line(number, f"{len(fields)} columns, header has {len(columns)}")
@@ -119,7 +112,6 @@ def _read_catalogue(path: Path, problems: ProblemLog, text_fields: list[str] | N
             problems.skip("duplicate_item_line_ignored", f"{path}:{number}", f"item {fields[item_col]}")
             continue
         rows[fields[item_col]] = fields
-    budget.check()
     category_col = names.index(category_field) if category_field else None
     if category_sep is None and category_col is not None:
         category_sep = _category_label_sep([row[category_col] for row in rows.values()])

@@ -36,8 +36,13 @@ class BadLineBudget:
         self.lines = 0
         self.bad = 0
 
-    def seen(self) -> None:
-        self.lines += 1
+    def over(self, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+        """The non-blank lines, counted; once they run out, stop if too many were bad."""
+        for number, line in lines:
+            if line.strip():
+                self.lines += 1
+                yield number, line
+        self.check()
 
     def bad_line(self, number: int, reason: str) -> None:
         self.bad += 1
