@@ -68,8 +68,10 @@ class LocalSequences:
 
 
 def _windows(flat: np.ndarray, ends: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
-    """Rows of flat[end - length : end], left-aligned into [R, max_len] with 0 padding."""
-    cols = np.arange(max_len)[None, :]
+    """Rows of flat[end - length : end], left-aligned into [R, W] with 0 padding, where W is the longest row
+    (at most max_len): a batch of short histories costs what its longest history costs, not max_len."""
+    width = int(min(max_len, max(int(lengths.max(initial=0)), 1)))
+    cols = np.arange(width)[None, :]
     idx = ends[:, None] - lengths[:, None] + cols
     valid = cols < lengths[:, None]
     return np.where(valid, flat[np.clip(idx, 0, max(len(flat) - 1, 0))], 0)
@@ -137,7 +139,7 @@ class TrainPlan:
         pad = width - len(samples)
         real = np.concatenate([np.ones(len(samples), bool), np.zeros(pad, bool)])
         if pad:
-            dummy = np.zeros((pad, L), dtype=np.int64)
+            dummy = np.zeros((pad, seqs.shape[1]), dtype=np.int64)
             dummy[:, 0] = 1  # a valid length-1 sequence (keeps attention finite); its target is ignored
             seqs = np.concatenate([seqs, dummy])
             lengths = np.concatenate([lengths, np.ones(pad, dtype=np.int64)])

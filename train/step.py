@@ -62,10 +62,11 @@ def training_loss(model, output, candidates: torch.Tensor, batch, mscl_negatives
     cfg = model.cfg
     world = dist.get_world_size() if dist.is_initialized() else 1
     targets = batch.targets.reshape(-1)
-    n_local = (targets > 0).sum()
+    scored = targets > 0  # padding positions are never scored against the catalogue
+    n_local = scored.sum()
     share = n_local.float() * world / global_count(n_local)
-    recommendation = full_softmax_cross_entropy(output.flat_user_vectors(), candidates.flatten(1), targets,
-                                                cfg.score_chunk_size)
+    recommendation = full_softmax_cross_entropy(output.flat_user_vectors()[scored], candidates.flatten(1),
+                                                targets[scored], cfg.score_chunk_size)
     zero = recommendation.new_zeros(())
     total = recommendation * share
     mscl = zero
