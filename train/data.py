@@ -7,8 +7,10 @@ ones it owns. So 1 process and N processes see the same global batches; every ra
 and a rank's slice is padded with masked samples (target 0) to the largest slice of that batch (no duplicates).
 
 Sample modes (`model.sequence_mode`): "prefix" (RecBole, the paper's protocol): every prefix of a user's training
-part predicts its next item, truncated to the last max_seq_len items. "all_positions": one sample per user, the last
-max_seq_len + 1 training items, every position predicting the next.
+part predicts its next item, truncated to the last max_seq_len items. "all_positions": the training part cut from its
+end into windows of max_seq_len targets, one sample per window, every position predicting the next item; so every
+(prefix, next item) pair of the prefix protocol is a target exactly once per epoch (with up to max_seq_len items of
+context, fewer at the start of a window), at the cost of one causal pass per window instead of one per prefix.
 Leave-one-out: last item = test target, second to last = validation target, earlier = training.
 """
 
@@ -85,8 +87,8 @@ class TrainPlan:
         self.local, self.mode, self.max_len = local, mode, max_len
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world_size
         train_len = local.train_lengths
-        counts = train_len - 1 if mode == "prefix" else (train_len >= 2).astype(np.int64)
-        counts = np.maximum(counts, 0)
+        pairs = np.maximum(train_len - 1, 0)
+        counts = pairs if mode == "prefix" else -(-pairs // max_len)
         gathered = all_gather_objects((local.user_ids, counts))
         user_ids = np.concatenate([g[0] for g in gathered])
         all_counts = np.concatenate([g[1] for g in gathered])
@@ -130,12 +132,11 @@ class TrainPlan:
             lengths = np.minimum(target_pos, L)
             seqs = _windows(local.flat, start + target_pos, lengths, L)
             targets = local.flat[start + target_pos]
-        else:
-            train_len = local.train_lengths[users]
-            window = np.minimum(train_len, L + 1)
-            lengths = window - 1
-            seqs = _windows(local.flat, start + train_len - 1, lengths, L)
-            targets = _windows(local.flat, start + train_len, lengths, L)
+        else:  # window w (0 = latest) predicts training items (hi - length, hi], hi = train_len - 1 - w * L
+            last_target = local.train_lengths[users] - 1 - self.sample_position[samples] * L
+            lengths = np.minimum(last_target, L)
+            seqs = _windows(local.flat, start + last_target, lengths, L)
+            targets = _windows(local.flat, start + last_target + 1, lengths, L)
         pad = width - len(samples)
         real = np.concatenate([np.ones(len(samples), bool), np.zeros(pad, bool)])
         if pad:
@@ -149,11 +150,13 @@ class TrainPlan:
                      torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real))
 
 
-def eval_batches(local: LocalSequences, split: str, max_len: int, batch_size: int):
-    """This rank's users for `split` ("valid": history = items[:-2], target items[-2]; "test": items[:-1], items[-1])."""
+def eval_batches(local: LocalSequences, split: str, max_len: int, batch_size: int, users: np.ndarray | None = None):
+    """This rank's users for `split` ("valid": history = items[:-2], target items[-2]; "test": items[:-1], items[-1]);
+    `users`: indices into `local` to evaluate (all when None)."""
     drop = 2 if split == "valid" else 1
-    for begin in range(0, len(local), batch_size):
-        users = np.arange(begin, min(begin + batch_size, len(local)))
+    chosen = np.arange(len(local)) if users is None else np.asarray(users, dtype=np.int64)
+    for begin in range(0, len(chosen), batch_size):
+        users = chosen[begin:begin + batch_size]
         hist_end = local.offsets[users] + local.lengths[users] - drop
         hist_len = np.minimum(local.lengths[users] - drop, max_len)
         seqs = _windows(local.flat, hist_end, hist_len, max_len)

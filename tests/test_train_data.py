@@ -1,0 +1,65 @@
+"""The training sample plan: which (history, next item) pairs an epoch trains on, in each sequence mode."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data_shards.prepare import PrepareOptions, prepare
+from data_shards.reader import PreparedDataset
+from data_shards.sources.synthetic import generate_synthetic
+from train.data import LocalSequences, TrainPlan
+
+MAX_LEN = 5
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "plan"
+    prepare(generate_synthetic(num_items=80, num_users=60, seed=3, with_images=False), out, PrepareOptions(k_core=1))
+    sequences = LocalSequences(PreparedDataset(out), rank=0, world_size=1)
+    assert sequences.train_lengths.max() > 2 * MAX_LEN + 1  # some users need several windows
+    return sequences
+
+
+def _training_parts(local) -> list[np.ndarray]:
+    return [local.flat[local.offsets[u]:local.offsets[u] + local.train_lengths[u]] for u in range(len(local))]
+
+
+def _rows(local, mode: str):
+    """(history, targets) of every real sample of one epoch, as item-id arrays."""
+    plan = TrainPlan(local, mode, MAX_LEN, global_batch=7, seed=0, rank=0, world_size=1)
+    for _, batch in plan.epoch_batches(epoch=0):
+        seqs, lengths, targets = batch.item_seq.numpy(), batch.seq_len.numpy(), batch.targets.numpy()
+        for row in np.flatnonzero(batch.real.numpy()):
+            n = lengths[row]
+            yield seqs[row, :n], (targets[row, :n] if targets.ndim == 2 else targets[row:row + 1])
+
+
+def _contiguous_in_some_user(parts, run: np.ndarray) -> bool:
+    return any(np.array_equal(items[b:b + len(run)], run) for items in parts for b in range(len(items) - len(run) + 1))
+
+
+def test_prefix_mode_trains_each_prefix_once_with_the_last_max_len_items(local):
+    expected = Counter((tuple(items[max(0, i - MAX_LEN):i]), int(items[i]))
+                       for items in _training_parts(local) for i in range(1, len(items)))
+    got = Counter((tuple(history), int(target[0])) for history, target in _rows(local, "prefix"))
+    assert got == expected
+
+
+def test_all_positions_mode_trains_each_next_item_pair_exactly_once(local):
+    parts = _training_parts(local)
+    expected = Counter((int(items[i - 1]), int(items[i])) for items in parts for i in range(1, len(items)))
+    got = Counter()
+    for history, targets in _rows(local, "all_positions"):
+        assert np.array_equal(history[1:], targets[:-1])  # every position predicts the next one
+        assert _contiguous_in_some_user(parts, np.append(history, targets[-1]))
+        got.update(zip(history.tolist(), targets.tolist()))
+    assert got == expected
+
+
+def test_all_positions_windows_cost_one_pass_per_max_len_targets(local):
+    prefix = TrainPlan(local, "prefix", MAX_LEN, 7, 0, 0, 1)
+    windows = TrainPlan(local, "all_positions", MAX_LEN, 7, 0, 0, 1)
+    pairs = np.maximum(local.train_lengths - 1, 0)
+    assert prefix.num_samples == pairs.sum()
+    assert windows.num_samples == (-(-pairs // MAX_LEN)).sum() < prefix.num_samples
