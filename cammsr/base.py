@@ -78,6 +78,10 @@ class SequentialRecommender(nn.Module):
                         image_rows: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def fit_feature_statistics(self, text_table: torch.Tensor | None, image_table: torch.Tensor | None) -> None:
+        """Fix any input statistics from the catalogue's frozen feature tables ([N + 1, F], zero rows = absent).
+        Called once before training; ID-only models have none."""
+
     def loss(self, output: ModelOutput, targets: torch.Tensor, candidates: torch.Tensor | None = None,
              sampled: SampledCandidates | None = None) -> LossTerms:
         """Eq. 20: L_SR + lambda * L_MSCL (+ the optional auxiliary category loss).

@@ -35,6 +35,11 @@ class CAMMSR(SequentialRecommender):
         self._modality_index = {m: i for i, m in enumerate(cfg.modalities)}
         xavier_init_(self, cfg.init_method)
 
+    def fit_feature_statistics(self, text_table=None, image_table=None) -> None:
+        for modality, table in (("text", text_table), ("image", image_table)):
+            if table is not None:
+                self.items.fit_feature_statistics(modality, table, table.abs().sum(dim=1) > 0)
+
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """Candidate vectors per modality, [N + 1, M, d]: the projected features x (no position, no CAMoE)."""
         return self.items.project(id_rows, text_rows, image_rows)

@@ -22,6 +22,7 @@ _CHOICES = {
     "mscl_reduction": ("mean", "sum"),
     "loss_type": ("full_softmax", "sampled_softmax"),
     "init_method": ("xavier_normal", "xavier_uniform"),
+    "feature_normalization": ("none", "standardize"),
 }
 
 # Paper ablations (Sections V-C, V-E, Table IV, Fig. 6) as overrides of the default config.
@@ -66,6 +67,12 @@ class ModelConfig:
 
     # Modalities used (w/o T, w/o V drop one); "id" is always looked up by the trainer.
     modalities: tuple[str, ...] = MODALITIES
+
+    # Frozen features before Eq. 4's projection. "none": as extracted (literal). "standardize": each dimension
+    # z-scored with the catalogue's statistics (fixed buffers, saved with the model). Encoder outputs share a
+    # large common direction (DINOv2: mean norm 40 of 46), which at Xavier scale makes every projected item
+    # nearly the same vector with a huge norm.
+    feature_normalization: str = "standardize"
 
     # CAMoE (Eq. 5-7).
     num_experts: int = 4  # K; paper's best of {1, 2, 4, 8, 16}

@@ -323,3 +323,32 @@ def test_parameter_count_and_flops_per_sample():
     cammsr, _ = make()
     cammsr_flops = flops_per_sample(cammsr, NUM_ITEMS, NUM_CATEGORIES, TEXT_DIM, IMAGE_DIM, batch_size=2)
     assert cammsr_flops["forward"] > 3 * flops["forward"] and cammsr_flops["candidate_projection"] > 0
+
+
+# ---------------------------------------------------------------- frozen-feature normalisation before Eq. 4
+
+def test_standardized_features_are_centred_unit_norm_rows_saved_with_the_model():
+    model, catalogue = make()
+    offset = torch.linspace(5.0, 40.0, IMAGE_DIM)  # a large shared direction, as encoder outputs have
+    catalogue.image = catalogue.image * 3.0 + offset
+    catalogue.image[[0, 4]] = 0.0  # padding and an item without an image
+    model.fit_feature_statistics(catalogue.text, catalogue.image)
+    present = catalogue.image.abs().sum(dim=1) > 0
+    items = model.items
+    normalised = (catalogue.image[present] - items.image_mean) * items.image_inv_std
+    torch.testing.assert_close(normalised.mean(dim=0), torch.zeros(IMAGE_DIM), atol=1e-5, rtol=0)
+    assert normalised.norm(dim=1).pow(2).mean().item() == pytest.approx(1.0, rel=0.1)
+    projected = model.item_candidates(catalogue.id_table, catalogue.text, catalogue.image)[:, 2]
+    torch.testing.assert_close(projected, items.projections["image"](
+        (catalogue.image - items.image_mean) * items.image_inv_std))
+    restored, _ = make()
+    restored.load_state_dict(model.state_dict())
+    torch.testing.assert_close(restored.items.image_inv_std, items.image_inv_std)
+
+
+def test_literal_feature_reading_projects_raw_features():
+    model, catalogue = make(feature_normalization="none")
+    model.fit_feature_statistics(catalogue.text, catalogue.image)
+    torch.testing.assert_close(model.item_candidates(catalogue.id_table, catalogue.text, catalogue.image)[:, 1],
+                               model.items.projections["text"](catalogue.text))
+    assert not any("mean" in name for name, _ in model.named_buffers())

@@ -82,6 +82,7 @@ class Trainer:
         self.num_items = data.num_items
         _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
         model = build_model(model_cfg, self.items.num_categories, self.items.text_dim, self.items.image_dim)
+        model.fit_feature_statistics(self.items.text, self.items.image)
         self.table = build_item_table(data.num_items, model_cfg.hidden_size, cfg.embedding.backend,
                                       cfg.embedding.sharding, cfg.embedding.optimizer, cfg.embedding.lr,
                                       cfg.embedding.eps, cfg.train.seed + 1, model_cfg.init_method, env.device)
