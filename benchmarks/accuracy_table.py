@@ -1,0 +1,61 @@
+"""Accuracy of finished runs next to the paper's rows: one markdown table from the runs' metrics.json.
+
+    python -m benchmarks.accuracy_table --paper beauty \
+        "SASRec (ours)=runs/beauty/sasrec" "CAMMSR w/o V (ours)=runs/beauty/cammsr"
+
+Each run contributes its TEST metrics at the best VALIDATION epoch (what the trainer stores), the validation value
+it was selected on, the best epoch and the epochs run. Paper rows are Table III of the CAMMSR paper (test, RecBole
+protocol: leave-one-out, full ranking); they are printed as published, never recomputed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.machine import describe_machine
+
+METRICS = ("ndcg@5", "ndcg@10", "mrr@5", "mrr@10")
+# Table III (Beauty columns; CAMMSR used ID + text + image + categories there).
+PAPER = {
+    "beauty": {
+        "SASRec (paper, Table III)": (0.0325, 0.0412, 0.0250, 0.0286),
+        "CAMMSR (paper, Table III)": (0.0429, 0.0517, 0.0374, 0.0404),
+    },
+}
+
+
+def _row(name: str, values, extra: str = "") -> str:
+    cells = " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values)
+    return f"| {name} | {cells} | {extra} |"
+
+
+def run_row(name: str, run_dir: Path) -> str:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("test") is None:
+        raise SystemExit(f"{run_dir}/metrics.json has no test metrics yet (no validation round finished)")
+    test, valid = metrics["test"], metrics["valid"]
+    note = (f"valid ndcg@10 {valid['ndcg@10']:.4f}; best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"
+            + ("; stopped early" if metrics.get("stopped_early") else "; epoch cap reached"))
+    return _row(name, [test[m] for m in METRICS], note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR (a finished `cammsr train` run directory)")
+    parser.add_argument("--paper", choices=sorted(PAPER), help="also print the paper's rows for this dataset")
+    args = parser.parse_args()
+    print(f"machine: {describe_machine()}")
+    print("| model | NDCG@5 | NDCG@10 | MRR@5 | MRR@10 | selection |")
+    print("|---|---|---|---|---|---|")
+    for name, values in PAPER.get(args.paper, {}).items():
+        print(_row(name, values, "as published"))
+    for spec in args.runs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"run {spec!r}: expected NAME=RUN_DIR")
+        print(run_row(name, Path(path)))
+
+
+if __name__ == "__main__":
+    main()
