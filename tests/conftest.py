@@ -1,10 +1,14 @@
 import io
+import os
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
 
 def shared_dataset(name: str) -> Path:
@@ -47,3 +51,30 @@ def toy_interactions(num_users: int = 6, num_items: int = 8, length: int = 6) ->
 def toy_items(num_items: int = 8) -> list[tuple]:
     return [(f"i{k}", f"Red widget {k}", f"Brand{k % 2}", f"Tools|Widgets|Size{k % 3}")
             for k in range(num_items)]
+
+
+def cpu_env() -> dict:
+    """Environment of a CPU training subprocess: DeepSpeed on CPU, one thread, no inherited rank variables."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def write_tiny_dataset(out: Path) -> Path:
+    """The trainer tests' toy: 81 users (odd), 60 items, 3-level categories, random text (12-d) and image (10-d)
+    feature stores (train with data.build_features=false to keep them)."""
+    import numpy as np
+    from data_shards.features.store import write_store
+    from data_shards.prepare import PrepareOptions, prepare
+    from data_shards.reader import PreparedDataset
+    from data_shards.sources.synthetic import generate_synthetic
+    prepare(generate_synthetic(num_items=60, num_users=81, seed=1, with_images=False), out, PrepareOptions(k_core=1))
+    data = PreparedDataset(out)
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, data.num_items + 1)
+    for modality, dim in (("text", 12), ("image", 10)):
+        write_store(data, modality, ids, rng.standard_normal((len(ids), dim)).astype(np.float32),
+                    {"encoder": "random test vectors"})
+    return out

@@ -5,23 +5,16 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
 
-from data_shards.features.store import write_store
-from data_shards.prepare import PrepareOptions, prepare
+from conftest import PY, ROOT, cpu_env, write_tiny_dataset
 from data_shards.reader import PreparedDataset
-from data_shards.sources.synthetic import generate_synthetic
 from train.parity import compare
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 # Tiny CAMMSR, fp32, no dropout, deterministic modality swap (prob 1): every random draw is rank-independent.
 # Adam eps 1e-3: the attention key bias has an exactly-zero true gradient (softmax shift invariance); with a tiny eps
 # Adam turns its float-rounding noise into lr-sized steps that differ with the summation order.
@@ -32,11 +25,7 @@ TINY = ["train.precision=fp32", "train.eps=0.001", "model.hidden_size=8", "model
 
 
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return cpu_env()
 
 
 def _port() -> int:
@@ -48,16 +37,8 @@ def _port() -> int:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """81 users (not divisible by 2), 60 items, 3-level categories, random text/image feature stores."""
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(generate_synthetic(num_items=60, num_users=81, seed=1, with_images=False), out,
-            PrepareOptions(k_core=1))
-    data = PreparedDataset(out)
-    rng = np.random.default_rng(0)
-    ids = np.arange(1, data.num_items + 1)
-    for modality, dim in (("text", 12), ("image", 10)):
-        write_store(data, modality, ids, rng.standard_normal((len(ids), dim)).astype(np.float32),
-                    {"encoder": "random test vectors"})
-    assert data.num_users % 2 == 1
+    out = write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+    assert PreparedDataset(out).num_users % 2 == 1
     return out
 
 
