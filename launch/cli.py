@@ -7,6 +7,7 @@ from pathlib import Path
 
 from data_shards.prepare import PrepareOptions, prepare
 from data_shards.problems import DataError
+from launch.recommend import add_recommend_command
 from train.command import add_train_command
 from train.config import ConfigError
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(commands)
     add_train_command(commands)
     _add_quickstart(commands)
+    add_recommend_command(commands)
     return parser
 
 
