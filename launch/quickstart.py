@@ -87,3 +87,17 @@ def _print_summary(run_dir: Path, summary: dict, plots: list[Path]) -> None:
     print(f"runs:         {run_dir / 'cammsr'} and {run_dir / 'sasrec'} (metrics.json, config.yaml, checkpoints/)")
     print("report:       " + ", ".join(str(p) for p in plots))
     print(f"TensorBoard:  tensorboard --logdir {run_dir}")
+    print(f"recommend:    {_recommend_command(run_dir)}")
+
+
+def _recommend_command(run_dir: Path) -> str:
+    """`cammsr recommend` on the CAMMSR run for the last items of the first user's history (original ids)."""
+    from data_shards.reader import PreparedDataset
+    from train.recommend import Catalogue
+    data = PreparedDataset(run_dir / "data", verify=False)
+    catalogue = Catalogue.read(data)
+    history = next(data.user_sequences()).items[-5:]
+    script = Path(sys.executable).parent / "cammsr"
+    program = str(script) if script.exists() else f"{sys.executable} -m launch.cli"
+    return (f"{program} recommend --run {run_dir / 'cammsr'} --history "
+            + ",".join(catalogue.describe(int(i))[0] for i in history))
