@@ -37,11 +37,24 @@ def test_overrides_and_aliases():
     (["model.num_heads=3"], "num_heads"),
     (["lr=0.1"], "train.lr"),  # ambiguous: train.lr or embedding.lr
     (["eval.metric=ndcg@20"], "eval.metric"),
-    (["model.loss_type=sampled_softmax"], "model.loss_type"),
+    (["model.loss_type=sampled_softmax", "train.num_negatives=0"], "train.num_negatives"),
+    (["train.negative_sampler=zipf"], "train.negative_sampler"),
+    (["train.negative_sampler_exponent=-1"], "train.negative_sampler_exponent"),
+    (["eval.max_users=-5"], "eval.max_users"),
+    (["data.extra_items=100"], "data.extra_items"),  # CAMMSR has no features for extra items
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, override, world_size=1, cuda=False)
+
+
+def test_sampled_softmax_keys():
+    cfg = load_config(None, ["model=sasrec", "model.loss_type=sampled_softmax", "train.num_negatives=256",
+                             "train.negative_sampler=popularity", "eval.max_users=1000", "data.extra_items=10"],
+                      world_size=2, cuda=False)
+    assert (cfg.train.num_negatives, cfg.train.negative_sampler, cfg.train.negative_sampler_exponent) == \
+        (256, "popularity", 0.75)
+    assert cfg.eval.max_users == 1000 and cfg.data.extra_items == 10
 
 
 def test_torch_backend_is_single_process_only():

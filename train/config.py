@@ -32,6 +32,10 @@ class DataConfig:
     text_encoder: str = "default"
     image_encoder: str = "default"
     extract_batch_size: int = 64
+    # Catalogue items beyond the dataset's (ids num_items+1 .. num_items+extra_items) with no interactions and no
+    # features: they get ID rows, can be drawn as negatives and are ranked in evaluation. For scaling runs of
+    # ID-only models (model.name=sasrec): a huge ID table without writing millions of item samples.
+    extra_items: int = 0
 
 
 @dataclass
@@ -52,6 +56,13 @@ class TrainConfig:
     grad_clip: float = 0.0  # dense parameters only (DeepSpeed clipping does not see the sparse table)
     seed: int = 2020
     mscl_negatives: str = "global"  # global: negatives from the whole global batch; local: this rank's slice
+    # model.loss_type=sampled_softmax: num_negatives item ids per GLOBAL step, shared by every row of the global
+    # batch and drawn identically on every rank from (seed, global step), with replacement. uniform: over all
+    # items 1..N; popularity: count^negative_sampler_exponent over the training interactions (items never in a
+    # training part are never drawn), with logQ correction. A negative equal to a row's target is removed there.
+    num_negatives: int = 1024
+    negative_sampler: str = "uniform"  # uniform | popularity
+    negative_sampler_exponent: float = 0.75
 
 
 @dataclass
@@ -70,6 +81,9 @@ class EvalConfig:
     metric: str = "ndcg@10"  # validation metric that selects the best epoch
     batch_size: int = 1024  # users per evaluation chunk (per rank)
     ks: tuple[int, ...] = (5, 10)
+    # 0 = every user. N > 0: a fixed, seeded subset of N users (the same for every world size, split and round),
+    # for catalogues where exact full ranking of every user is too slow (10M items); metrics count = N.
+    max_users: int = 0
 
 
 @dataclass
@@ -132,6 +146,7 @@ _CHOICES = {
     ("train", "precision"): ("bf16", "fp32", "fp16"),
     ("train", "zero_stage"): (0, 1, 2, 3),
     ("train", "mscl_negatives"): ("global", "local"),
+    ("train", "negative_sampler"): ("uniform", "popularity"),
     ("embedding", "backend"): ("torchrec", "torch"),
     ("embedding", "sharding"): ("row_wise", "table_wise", "column_wise"),
     ("embedding", "optimizer"): ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd"),
@@ -291,7 +306,9 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
             raise ConfigError(f"{key}={value!r}: must be > 0")
     for key, value in [("train.warmup_steps", t.warmup_steps), ("train.grad_clip", t.grad_clip),
                        ("train.weight_decay", t.weight_decay), ("eval.patience", cfg.eval.patience),
-                       ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
+                       ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("eval.max_users", cfg.eval.max_users),
+                       ("data.extra_items", cfg.data.extra_items),
+                       ("train.negative_sampler_exponent", t.negative_sampler_exponent)]:
         if value < 0:
             raise ConfigError(f"{key}={value!r}: must be >= 0")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -309,8 +326,12 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     if cfg.embedding.backend == "torch" and world_size > 1:
         raise ConfigError(f"embedding.backend='torch' runs on one process only (world size {world_size}); "
                           "use embedding.backend=torchrec for several processes")
-    if cfg.model.loss_type != "full_softmax":
-        raise ConfigError(f"model.loss_type={cfg.model.loss_type!r}: the trainer implements full_softmax only")
+    if cfg.model.loss_type == "sampled_softmax" and t.num_negatives < 1:
+        raise ConfigError(f"train.num_negatives={t.num_negatives!r}: must be >= 1 with model.loss_type="
+                          "'sampled_softmax'")
+    if cfg.data.extra_items and cfg.model.name != "sasrec":
+        raise ConfigError(f"data.extra_items={cfg.data.extra_items}: extra items have no text/image features or "
+                          f"categories; use it with model.name=sasrec (got {cfg.model.name!r})")
     metrics = {f"{m}@{k}" for m in ("ndcg", "mrr", "recall") for k in cfg.eval.ks}
     if cfg.eval.metric not in metrics:
         raise ConfigError(f"eval.metric={cfg.eval.metric!r}: must be one of {sorted(metrics)} (from eval.ks)")

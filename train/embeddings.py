@@ -5,8 +5,11 @@
 - "torch": a plain nn.Embedding with the same sparse optimizer maths in PyTorch, for one process on machines
   where TorchRec's kernels cannot be installed.
 
-`lookup(item_seq)` returns (sequence rows [B, L, d], all rows [N + 1, d]) from ONE lookup, both with gradient
-(the full-softmax candidates come from the table); `step()` applies the optimizer where it is not fused.
+`lookup(item_seq, ids)` returns (sequence rows [B, L, d], rows of `ids`) from ONE lookup, both with gradient:
+`ids=None` means all rows [N + 1, d] (the full-softmax candidates), otherwise only the rows a step needs (sampled
+softmax: targets + shared negatives), so a step never materialises a 10M-row table. `rows(ids)` is the no-grad
+read (evaluation reads the catalogue chunk by chunk); with TorchRec both are collectives (every rank calls them,
+the same number of times). `step()` applies the optimizer where it is not fused.
 Row 0 (padding) stays zero: sequence rows are masked at padding positions.
 """
 
@@ -46,13 +49,26 @@ class TorchItemTable(nn.Module):
         shape = (weight.shape[0],) if optimizer == "exact_rowwise_adagrad" else tuple(weight.shape)
         self.register_buffer("momentum", torch.zeros(shape, device=device))
 
-    def lookup(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def num_rows(self) -> int:
+        return self.weight.shape[0]
+
+    def lookup(self, item_seq: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.weight
-        return rows[item_seq] * (item_seq != 0)[..., None], rows
+        return rows[item_seq] * (item_seq != 0)[..., None], rows if ids is None else rows[ids]
+
+    @torch.no_grad()
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].detach()
 
     @torch.no_grad()
     def all_rows(self) -> torch.Tensor:
         return self.weight.detach().clone()
+
+    def footprint(self) -> dict:
+        """This process's share of the table: rows, bytes of the rows and of the optimizer state."""
+        return {"rows": self.num_rows, "table_bytes": self.weight.numel() * self.weight.element_size(),
+                "optimizer_bytes": self.momentum.numel() * self.momentum.element_size()}
 
     @torch.no_grad()
     def step(self) -> None:
@@ -130,7 +146,6 @@ class TorchRecItemTable(nn.Module):
                                             init_data_parallel=False)
         self.plan = plan
         self._load_full(weight)
-        self.register_buffer("_all_ids", torch.arange(self.num_rows, device=device), persistent=False)
 
     def _shards(self):
         return [v for k, v in self.dmp.state_dict().items() if k.endswith("weight")]
@@ -144,22 +159,46 @@ class TorchRecItemTable(nn.Module):
                 rows, cols = shard.metadata.shard_sizes
                 shard.tensor.copy_(weight[row:row + rows, col:col + cols].to(shard.tensor.device))
 
-    def _features(self, ids: torch.Tensor):
+    def _lookup(self, item_seq: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One KJT of two bags (the sequence ids, then `ids`) through the sharded collection."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-        values = torch.cat([ids.reshape(-1), self._all_ids])
-        lengths = torch.tensor([ids.numel(), self.num_rows], device=ids.device, dtype=torch.int64)
-        return KeyedJaggedTensor.from_lengths_sync(keys=[FEATURE], values=values, lengths=lengths)
+        values = torch.cat([item_seq.reshape(-1), ids.reshape(-1)])
+        lengths = torch.tensor([item_seq.numel(), ids.numel()], device=values.device, dtype=torch.int64)
+        features = KeyedJaggedTensor.from_lengths_sync(keys=[FEATURE], values=values, lengths=lengths)
+        rows = self.dmp(features)[FEATURE].values()
+        return rows[: item_seq.numel()], rows[item_seq.numel():]
 
-    def lookup(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.dmp(self._features(item_seq))[FEATURE].values()
-        seq = rows[: item_seq.numel()].view(*item_seq.shape, self.dim)
-        return seq * (item_seq != 0)[..., None], rows[item_seq.numel():]
+    def lookup(self, item_seq: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids is None:
+            ids = torch.arange(self.num_rows, device=item_seq.device)
+        seq, rows = self._lookup(item_seq, ids)
+        return seq.view(*item_seq.shape, self.dim) * (item_seq != 0)[..., None], rows
+
+    @torch.no_grad()
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of `ids` on every rank (a collective: every rank must call it)."""
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return self._lookup(empty, ids.to(self.device))[1].detach()
 
     @torch.no_grad()
     def all_rows(self) -> torch.Tensor:
         """The full table on every rank (a collective: every rank must call it)."""
-        empty = torch.zeros(1, 0, dtype=torch.long, device=self.device)
-        return self.dmp(self._features(empty))[FEATURE].values().detach().clone()
+        return self.rows(torch.arange(self.num_rows, device=self.device)).clone()
+
+    def footprint(self) -> dict:
+        """This rank's share of the table: rows, bytes of its shards and of their fused optimizer state."""
+        rows = table_bytes = optimizer_bytes = 0
+        for sharded in self._shards():
+            for shard in sharded.local_shards():
+                rows += shard.metadata.shard_sizes[0] if shard.metadata.shard_offsets[1] == 0 else 0
+                table_bytes += shard.tensor.numel() * shard.tensor.element_size()
+        for state in self.dmp.fused_optimizer.state_dict()["state"].values():
+            for value in state.values():
+                for tensor in (value.local_shards() if hasattr(value, "local_shards") else [value]):
+                    tensor = getattr(tensor, "tensor", tensor)
+                    if isinstance(tensor, torch.Tensor):
+                        optimizer_bytes += tensor.numel() * tensor.element_size()
+        return {"rows": rows, "table_bytes": table_bytes, "optimizer_bytes": optimizer_bytes}
 
     def step(self) -> None:
         pass  # fused into backward

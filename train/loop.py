@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cammsr.base import SampledCandidates
 from cammsr.factory import build_model
 from data_shards.reader import PreparedDataset
 from train.checkpoint import Checkpointer, atomic_write_text
@@ -25,9 +26,10 @@ from train.data import LocalSequences, TrainPlan
 from train.distributed import DistEnv, init_distributed, shutdown
 from train.embeddings import build_item_table, describe_plan
 from train.engine import build_engine, compute_dtype
-from train.evaluate import evaluate
+from train.evaluate import evaluate, evaluation_users
 from train.items import ensure_feature_stores, load_item_inputs
 from train.monitor import Monitor, write_metrics
+from train.negatives import NegativeSampler, training_counts
 from train.step import model_inputs, training_loss
 
 
@@ -79,14 +81,21 @@ class Trainer:
         self.local = LocalSequences(data, env.rank, env.world_size)
         self.plan = TrainPlan(self.local, model_cfg.sequence_mode, model_cfg.max_seq_len, cfg.train.batch_size,
                               cfg.train.seed, env.rank, env.world_size)
-        self.num_items = data.num_items
+        self.num_items = data.num_items + cfg.data.extra_items  # the catalogue: ids 1..num_items
         _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
         model = build_model(model_cfg, self.items.num_categories, self.items.text_dim, self.items.image_dim)
         model.fit_feature_statistics(self.items.text, self.items.image)
-        self.table = build_item_table(data.num_items, model_cfg.hidden_size, cfg.embedding.backend,
+        self.table = build_item_table(self.num_items, model_cfg.hidden_size, cfg.embedding.backend,
                                       cfg.embedding.sharding, cfg.embedding.optimizer, cfg.embedding.lr,
                                       cfg.embedding.eps, cfg.train.seed + 1, model_cfg.init_method, env.device)
         model.to(env.device)
+        self.sampler = None
+        if model_cfg.loss_type == "sampled_softmax":
+            t = cfg.train
+            counts = training_counts(self.local, self.num_items + 1) if t.negative_sampler == "popularity" else None
+            self.sampler = NegativeSampler(t.negative_sampler, self.num_items + 1, t.num_negatives, t.seed, counts,
+                                           t.negative_sampler_exponent)
+        self.eval_users = evaluation_users(self.local, cfg.eval.max_users, cfg.train.seed)
         total_steps = self.plan.steps_per_epoch * cfg.train.max_epochs
         self.engine, self.scheduler = build_engine(model, cfg.train, env.world_size, total_steps)
         self.dtype = compute_dtype(cfg.train)
@@ -96,10 +105,11 @@ class Trainer:
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None,
                       "bad_rounds": 0, "best_valid": None, "best_test": None, "best_tag": None, "history": [],
                       "stopped_early": False}
+        loss = "full softmax" if self.sampler is None else self.sampler.describe()
         _log(env, f"world size {env.world_size} ({env.backend}, {env.device}); {self.plan.num_users:,} users, "
                   f"{self.num_items:,} items, {self.plan.num_samples:,} training samples "
                   f"({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} steps/epoch of {cfg.train.batch_size}; "
-                  f"ID table: {cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO "
+                  f"{loss}; ID table: {cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO "
                   f"{cfg.train.zero_stage}, {cfg.train.precision}")
         if resume and self.checkpointer.latest_tag() is None:
             _log(env, f"--resume: no checkpoint in {self.run_dir} yet; starting the run")
@@ -125,7 +135,8 @@ class Trainer:
     def _evaluate(self, split: str) -> dict:
         cfg = self.cfg
         return evaluate(self.model, self.table, self.items, self.local, split, cfg.model.max_seq_len,
-                        cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype)
+                        cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype,
+                        users=self.eval_users, chunk_size=cfg.model.score_chunk_size)
 
     def _write_metrics(self) -> None:
         if not self.env.is_main:
@@ -139,13 +150,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch) -> tuple:
+        """One optimizer step on this rank's slice of the global batch (global step = state["global_step"])."""
         batch = batch.to(self.env.device)
+        terms, output = self.losses(batch)
+        return self._apply(terms, output, batch)
+
+    def losses(self, batch) -> tuple:
+        """(loss terms, model output) of this rank's slice of a global batch (on the device); no optimizer step."""
+        if self.sampler is not None:
+            return self._sampled_losses(batch)
         seq_emb, all_rows = self.table.lookup(batch.item_seq)
         items, dtype = self.items, self.dtype
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
         candidates = self.model.item_candidates(all_rows.to(dtype), *(None if t is None else t.to(dtype)
                                                                      for t in (items.text, items.image)))
-        terms = training_loss(self.model, output, candidates, batch, self.cfg.train.mscl_negatives)
+        return training_loss(self.model, output, candidates, batch, self.cfg.train.mscl_negatives), output
+
+    def _sampled_losses(self, batch) -> tuple:
+        """Sampled softmax: ONE lookup of the sequence ids and of the rows the loss needs (this rank's scored
+        targets + the step's shared negatives, deduplicated); features of the same ids; candidates on those."""
+        items, dtype, device = self.items, self.dtype, self.env.device
+        negatives = self.sampler.draw(self.state["global_step"]).to(device)
+        targets = batch.targets.reshape(-1)
+        targets = targets[targets > 0]
+        ids, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
+        seq_emb, id_rows = self.table.lookup(batch.item_seq, ids)
+        output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
+        rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t[ids].to(dtype)
+                                                               for t in (items.text, items.image)))
+        sampled = SampledCandidates(rows[inverse[: len(targets)]], rows[inverse[len(targets):]], negatives,
+                                    self.sampler.log_q(negatives), self.sampler.log_q(targets))
+        return training_loss(self.model, output, None, batch, self.cfg.train.mscl_negatives, sampled), output
+
+    def _apply(self, terms, output, batch) -> tuple:
         self.engine.backward(terms.total)
         self.engine.step()
         self.table.step()

@@ -43,6 +43,7 @@ def run(data: str, steps: int, stages: list[int], overrides: list[str], run_root
             if step >= steps:
                 break
             terms, _, _ = trainer.train_step(batch)
+            trainer.state["global_step"] += 1  # as the training loop does (the sampled softmax draws by step)
             value = terms.total.detach().double().reshape(1)
             if trainer.env.world_size > 1:
                 dist.all_reduce(value)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cammsr.base import LossTerms
+from cammsr.base import LossTerms, SampledCandidates
 from cammsr.mscl import info_nce
-from cammsr.scoring import full_softmax_cross_entropy
+from cammsr.scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy
 
 
 def model_inputs(batch, seq_emb: torch.Tensor, items, dtype: torch.dtype) -> tuple:
@@ -57,16 +57,25 @@ def global_count(local: torch.Tensor) -> torch.Tensor:
     return total.clamp_min(1.0)
 
 
-def training_loss(model, output, candidates: torch.Tensor, batch, mscl_negatives: str) -> LossTerms:
-    """Loss terms of this rank, scaled so that their average over ranks is the global-batch loss."""
+def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_negatives: str,
+                  sampled: SampledCandidates | None = None) -> LossTerms:
+    """Loss terms of this rank, scaled so that their average over ranks is the global-batch loss.
+
+    Full softmax: `candidates` [N + 1, M, d] is the whole catalogue. Sampled softmax: `sampled` holds the vectors
+    of this rank's scored targets (rows with target > 0, in order) and of the global step's shared negatives."""
     cfg = model.cfg
     world = dist.get_world_size() if dist.is_initialized() else 1
     targets = batch.targets.reshape(-1)
     scored = targets > 0  # padding positions are never scored against the catalogue
     n_local = scored.sum()
     share = n_local.float() * world / global_count(n_local)
-    recommendation = full_softmax_cross_entropy(output.flat_user_vectors()[scored], candidates.flatten(1),
-                                                targets[scored], cfg.score_chunk_size)
+    if sampled is None:
+        recommendation = full_softmax_cross_entropy(output.flat_user_vectors()[scored], candidates.flatten(1),
+                                                    targets[scored], cfg.score_chunk_size)
+    else:
+        recommendation = sampled_softmax_cross_entropy(
+            output.flat_user_vectors()[scored], sampled.target_vectors.flatten(1), targets[scored],
+            sampled.negative_vectors.flatten(1), sampled.negative_ids, sampled.negative_log_q, sampled.target_log_q)
     zero = recommendation.new_zeros(())
     total = recommendation * share
     mscl = zero

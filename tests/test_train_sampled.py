@@ -1,0 +1,121 @@
+"""Sampled softmax in the trainer: negatives shared by the global batch and drawn per global step, 2 processes ==
+1 process (gloo, real launcher), the command trains with it, and with as many uniform negatives as items it is
+close to the full softmax. Also: the fixed evaluation subset (eval.max_users)."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from cammsr.scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy
+from conftest import PY, ROOT, write_tiny_dataset
+from test_train_distributed import TINY, _run, _train_cmd
+from train.negatives import NegativeSampler
+from train.parity import compare
+
+SAMPLED = ["model.loss_type=sampled_softmax", "train.num_negatives=16"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def test_negatives_are_drawn_per_step_from_the_distribution():
+    counts = np.array([0, 100, 10, 0, 1, 50])
+    sampler = NegativeSampler("popularity", 6, 20000, seed=3, counts=counts, exponent=0.75)
+    draws = sampler.draw(7)
+    again = NegativeSampler("popularity", 6, 20000, seed=3, counts=counts.copy(), exponent=0.75)  # another rank
+    assert torch.equal(draws, again.draw(7)) and not torch.equal(draws, sampler.draw(8))
+    q = np.where(counts > 0, counts.astype(float) ** 0.75, 0.0)
+    q /= q.sum()
+    frequency = np.bincount(draws.numpy(), minlength=6) / len(draws)
+    assert frequency[0] == 0 and frequency[3] == 0  # padding and never-trained items are never drawn
+    assert np.abs(frequency - q).max() < 0.01
+    assert torch.allclose(sampler.log_q(torch.tensor([1, 4, 5])), torch.tensor(np.log(q[[1, 4, 5]])).float())
+    uniform = NegativeSampler("uniform", 6, 1000, seed=3)
+    ids = uniform.draw(0)
+    assert ids.min() == 1 and ids.max() == 5 and uniform.log_q(ids) is None
+
+
+def test_uniform_with_as_many_negatives_as_items_approximates_full_softmax():
+    """S = N - 1 uniform draws estimate the full partition function (logits spread ~1 here)."""
+    generator = torch.Generator().manual_seed(0)
+    num_items, dim = 400, 16
+    candidates = torch.randn(num_items + 1, dim, generator=generator) * 0.5
+    user = torch.randn(64, dim, generator=generator) * 0.5
+    targets = torch.randint(1, num_items + 1, (64,), generator=generator)
+    full = float(full_softmax_cross_entropy(user, candidates, targets, 65536))
+    sampler = NegativeSampler("uniform", num_items + 1, num_items - 1, seed=0)
+    sampled = np.mean([float(sampled_softmax_cross_entropy(user, candidates[targets], targets,
+                                                           candidates[ids], ids))
+                       for ids in map(sampler.draw, range(20))])
+    assert abs(sampled - full) / full < 0.02, (sampled, full)
+    few = NegativeSampler("uniform", num_items + 1, 16, seed=0).draw(0)
+    assert float(sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[few], few)) < 0.6 * full
+
+
+def test_sampled_two_processes_equal_one_process(dataset, tmp_path):
+    """CAMMSR (ID + text + image rows of the same ids), popularity sampler with logQ, evaluation on a fixed subset
+    of 30 users: losses, ID table, dense weights within 1e-5 and identical metrics."""
+    overrides = [*TINY, *SAMPLED, "train.negative_sampler=popularity", "eval.max_users=30"]
+    dumps = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"sampled{nproc}.pt"
+        _run([str(ROOT / "launch" / "single_node.sh"), "--nproc", str(nproc), "--python", PY, "--module",
+              "train.parity", "--", "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", "1",
+              *overrides])
+        dumps[nproc] = torch.load(out, weights_only=False)
+    assert dumps[2][1]["world_size"] == 2
+    assert compare(dumps[1], dumps[2], 1e-5) == []
+    assert dumps[2][1]["metrics_before"]["valid"]["count"] == 30
+
+
+# Trains SASRec a few epochs with the full softmax, then scores one batch both ways without stepping.
+_SAME_STATE = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from train.config import load_config
+from train.loop import Trainer
+from train.negatives import NegativeSampler
+cfg = load_config(None, ["data.path=" + sys.argv[1], "logging.tensorboard=false", "checkpoint.enabled=false",
+                         "train.zero_stage=0", "model=sasrec", "train.lr=0.01", *sys.argv[3:]])
+trainer = Trainer(cfg, Path(sys.argv[2]))
+for epoch in range(3):
+    for _, batch in trainer.plan.epoch_batches(epoch):
+        trainer.train_step(batch)
+batch = next(trainer.plan.epoch_batches(3))[1].to(trainer.env.device)
+with torch.no_grad():
+    full = trainer.losses(batch)[0].recommendation.item()
+    n = trainer.num_items
+    trainer.sampler = NegativeSampler("uniform", n + 1, n - 1, cfg.train.seed)
+    sampled = []
+    for step in range(20):
+        trainer.state["global_step"] = step
+        sampled.append(trainer.losses(batch)[0].recommendation.item())
+print("RESULT", json.dumps({"full": full, "sampled": float(np.mean(sampled))}))
+trainer.close()
+"""
+
+
+def test_trainer_sampled_loss_with_all_items_matches_full_softmax(dataset, tmp_path):
+    """Trainer wiring (lookup of the needed ids, target/negative rows, scaling), on a trained model whose logits
+    are spread: N - 1 uniform negatives per step give the full-softmax loss of the same batch within 2%."""
+    proc = _run([PY, "-c", _SAME_STATE, str(dataset), str(tmp_path / "run"), *TINY])
+    got = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert got["full"] < 3.9  # trained: below ln(60) = 4.09, so a wrong target row would show
+    assert abs(got["sampled"] - got["full"]) / got["full"] < 0.02, got
+
+
+def test_cammsr_train_with_sampled_softmax_learns(dataset, tmp_path):
+    """`cammsr train` (SASRec, uniform negatives): the epoch loss goes down and evaluation runs on the subset."""
+    run_dir = tmp_path / "run"
+    proc = _run(_train_cmd(dataset, run_dir, "model=sasrec", *SAMPLED, "train.lr=0.005", "eval.max_users=40"))
+    epoch_losses = [float(x) for x in re.findall(r"epoch \d+: loss ([0-9.]+)", proc.stdout)]
+    assert len(epoch_losses) == 4, proc.stdout[-2000:]
+    assert epoch_losses[-1] < epoch_losses[0] - 0.1, epoch_losses
+    assert "16 shared negatives per global step, uniform" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["valid"]["count"] == 40 and metrics["test"]["count"] == 40
