@@ -25,9 +25,9 @@ def _training_parts(local) -> list[np.ndarray]:
     return [local.flat[local.offsets[u]:local.offsets[u] + local.train_lengths[u]] for u in range(len(local))]
 
 
-def _rows(local, mode: str):
+def _rows(local, mode: str, by_length: bool):
     """(history, targets) of every real sample of one epoch, as item-id arrays."""
-    plan = TrainPlan(local, mode, MAX_LEN, global_batch=7, seed=0, rank=0, world_size=1)
+    plan = TrainPlan(local, mode, MAX_LEN, global_batch=7, seed=0, rank=0, world_size=1, by_length=by_length)
     for _, batch in plan.epoch_batches(epoch=0):
         seqs, lengths, targets = batch.item_seq.numpy(), batch.seq_len.numpy(), batch.targets.numpy()
         for row in np.flatnonzero(batch.real.numpy()):
@@ -39,18 +39,20 @@ def _contiguous_in_some_user(parts, run: np.ndarray) -> bool:
     return any(np.array_equal(items[b:b + len(run)], run) for items in parts for b in range(len(items) - len(run) + 1))
 
 
-def test_prefix_mode_trains_each_prefix_once_with_the_last_max_len_items(local):
+@pytest.mark.parametrize("by_length", [False, True])
+def test_prefix_mode_trains_each_prefix_once_with_the_last_max_len_items(local, by_length):
     expected = Counter((tuple(items[max(0, i - MAX_LEN):i]), int(items[i]))
                        for items in _training_parts(local) for i in range(1, len(items)))
-    got = Counter((tuple(history), int(target[0])) for history, target in _rows(local, "prefix"))
+    got = Counter((tuple(history), int(target[0])) for history, target in _rows(local, "prefix", by_length))
     assert got == expected
 
 
-def test_all_positions_mode_trains_each_next_item_pair_exactly_once(local):
+@pytest.mark.parametrize("by_length", [False, True])
+def test_all_positions_mode_trains_each_next_item_pair_exactly_once(local, by_length):
     parts = _training_parts(local)
     expected = Counter((int(items[i - 1]), int(items[i])) for items in parts for i in range(1, len(items)))
     got = Counter()
-    for history, targets in _rows(local, "all_positions"):
+    for history, targets in _rows(local, "all_positions", by_length):
         assert np.array_equal(history[1:], targets[:-1])  # every position predicts the next one
         assert _contiguous_in_some_user(parts, np.append(history, targets[-1]))
         got.update(zip(history.tolist(), targets.tolist()))
@@ -63,3 +65,14 @@ def test_all_positions_windows_cost_one_pass_per_max_len_targets(local):
     pairs = np.maximum(local.train_lengths - 1, 0)
     assert prefix.num_samples == pairs.sum()
     assert windows.num_samples == (-(-pairs // MAX_LEN)).sum() < prefix.num_samples
+
+
+def test_length_batching_cuts_padding_and_keeps_the_batch_order_random(local):
+    def padding(plan, epoch):
+        return sum(batch.item_seq.numel() - int(batch.seq_len.sum()) for _, batch in plan.epoch_batches(epoch))
+
+    random = TrainPlan(local, "all_positions", MAX_LEN, 7, 0, 0, 1)
+    grouped = TrainPlan(local, "all_positions", MAX_LEN, 7, 0, 0, 1, by_length=True)
+    assert padding(grouped, 0) < 0.5 * padding(random, 0)
+    widths = [[batch.item_seq.shape[1] for _, batch in grouped.epoch_batches(epoch)] for epoch in (0, 1)]
+    assert widths[0] != sorted(widths[0]) and widths[0] != widths[1]

@@ -80,22 +80,24 @@ def _windows(flat: np.ndarray, ends: np.ndarray, lengths: np.ndarray, max_len: i
 
 
 class TrainPlan:
-    """The global sample order per epoch and this rank's share of each global batch."""
+    """The global sample order per epoch and this rank's share of each global batch (optionally batches of
+    similar history lengths: `by_length`)."""
 
     def __init__(self, local: LocalSequences, mode: str, max_len: int, global_batch: int, seed: int,
-                 rank: int, world_size: int):
-        self.local, self.mode, self.max_len = local, mode, max_len
+                 rank: int, world_size: int, by_length: bool = False):
+        self.local, self.mode, self.max_len, self.by_length = local, mode, max_len, by_length
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world_size
-        train_len = local.train_lengths
-        pairs = np.maximum(train_len - 1, 0)
+        pairs = np.maximum(local.train_lengths - 1, 0)
         counts = pairs if mode == "prefix" else -(-pairs // max_len)
-        gathered = all_gather_objects((local.user_ids, counts))
+        gathered = all_gather_objects((local.user_ids, counts, pairs))
         user_ids = np.concatenate([g[0] for g in gathered])
         all_counts = np.concatenate([g[1] for g in gathered])
+        all_pairs = np.concatenate([g[2] for g in gathered])
         owners = np.concatenate([np.full(len(g[0]), r, dtype=np.int64) for r, g in enumerate(gathered)])
         local_index = np.concatenate([np.arange(len(g[0]), dtype=np.int64) for g in gathered])
         order = np.argsort(user_ids, kind="stable")  # global sample index: users by id, then position
-        all_counts, owners, local_index = all_counts[order], owners[order], local_index[order]
+        all_counts, all_pairs = all_counts[order], all_pairs[order]
+        owners, local_index = owners[order], local_index[order]
         if len(np.unique(user_ids)) != len(user_ids):
             raise DataError("a user appears on two ranks: the user split is not a partition")
         self.num_users = len(user_ids)
@@ -106,13 +108,24 @@ class TrainPlan:
         self.sample_local_user = np.repeat(local_index, all_counts)
         starts = np.concatenate([[0], np.cumsum(all_counts)[:-1]])
         self.sample_position = np.arange(self.num_samples) - np.repeat(starts, all_counts)
+        if mode == "prefix":  # history length of each sample: what its row costs
+            self.sample_length = np.minimum(self.sample_position + 1, max_len)
+        else:
+            self.sample_length = np.minimum(np.repeat(all_pairs, all_counts) - self.sample_position * max_len,
+                                            max_len)
         self.steps_per_epoch = -(-self.num_samples // global_batch)
 
     def epoch_batches(self, epoch: int, start_step: int = 0):
         """Yield (step, Batch) of this rank for `epoch`, from `start_step` (resume inside an epoch)."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        owner = self.sample_owner[perm]
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(self.num_samples)
         batch_index = np.arange(self.num_samples) // self.global_batch
+        if self.by_length:  # similar lengths share a batch; the batches' order stays random
+            perm = perm[np.argsort(self.sample_length[perm], kind="stable")]
+            batch_index = rng.permutation(self.steps_per_epoch)[batch_index]
+            regroup = np.argsort(batch_index, kind="stable")
+            perm, batch_index = perm[regroup], batch_index[regroup]
+        owner = self.sample_owner[perm]
         sizes = np.zeros((self.world, self.steps_per_epoch), dtype=np.int64)
         np.add.at(sizes, (owner, batch_index), 1)
         width = np.maximum(sizes.max(axis=0), 1)  # every rank holds at least one (masked) sample

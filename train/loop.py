@@ -80,7 +80,7 @@ class Trainer:
 
         self.local = LocalSequences(data, env.rank, env.world_size)
         self.plan = TrainPlan(self.local, model_cfg.sequence_mode, model_cfg.max_seq_len, cfg.train.batch_size,
-                              cfg.train.seed, env.rank, env.world_size)
+                              cfg.train.seed, env.rank, env.world_size, cfg.train.batching == "by_length")
         self.num_items = data.num_items + cfg.data.extra_items  # the catalogue: ids 1..num_items
         _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
         model = build_model(model_cfg, self.items.num_categories, self.items.text_dim, self.items.image_dim)
