@@ -36,9 +36,8 @@ class ItemRepresentation(nn.Module):
         if not self.standardize or modality not in self.projections:
             return
         rows = table[present].float()
-        if rows.shape[0] < 2:
-            raise ValueError(f"feature_normalization='standardize' needs >= 2 items with {modality} features, "
-                             f"got {rows.shape[0]}")
+        if rows.shape[0] < 2:  # no statistics to take (e.g. a catalogue without images): rows stay as they are
+            return
         getattr(self, f"{modality}_mean").copy_(rows.mean(dim=0))
         # z-scores / sqrt(F): a feature row has unit norm on average, like the Xavier-scale inputs the
         # projection's initialisation assumes (plain z-scores made the first loss ~4x ln N).
