@@ -6,9 +6,9 @@
 
 A "sample" is one (prefix, next item) training pair of the paper's protocol (RecBole: one training prefix; each
 user's training part i_1..i_T gives T-1 of them; Beauty: 131,413). RecBole trains every pair as its own sequence
-pass (history cut to the last max_seq_len items). Our all-positions mode trains them in one causal pass per user,
-but only the last max_seq_len targets of a user fit in the window: the pairs it covers per epoch are counted and
-printed, and our samples/s counts only those.
+pass (history cut to the last max_seq_len items). Our all-positions mode trains all of them in one causal pass per
+window of max_seq_len targets (one window per user on Beauty except 127 long histories), in batches of similar
+lengths (train.batching=by_length).
 
 Systems (each a subprocess, one after the other, same torch thread count):
   recbole-sasrec  benchmarks/peers/recbole_sasrec.py in the peer venv (.peer-venv/recbole; fair mode: anomaly
@@ -95,15 +95,13 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- the data's pairs
 def protocol_pairs(data_dir: Path, max_len: int) -> dict:
-    """The paper's (prefix, next item) training pairs per epoch, and how many an all-positions window covers."""
+    """The paper's (prefix, next item) training pairs per epoch (every one is a target in both sequence modes)."""
     from data_shards.reader import PreparedDataset
     data = PreparedDataset(data_dir, verify=False)
     lengths = np.asarray([len(seq.items) for seq in data.user_sequences(0, 1)], dtype=np.int64)
     pairs = np.maximum(lengths - 2 - 1, 0)  # training part = all but the last two (valid, test)
-    covered = np.minimum(pairs, max_len)
     return {"users": int(len(lengths)), "items": data.num_items, "interactions": int(lengths.sum()),
-            "pairs": int(pairs.sum()), "all_positions_covered": int(covered.sum()),
-            "all_positions_cut": int((pairs - covered).sum()), "users_with_cut_pairs": int((pairs > max_len).sum()),
+            "pairs": int(pairs.sum()), "all_positions_windows": int((-(-pairs // max_len)).sum()),
             "max_seq_len": max_len, "manifest": data.manifest}
 
 
@@ -244,16 +242,13 @@ def run_ours(args, name: str, pairs: dict, out: Path) -> dict:
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     model = resolved["model"]
     mode = model["sequence_mode"]
-    covered = pairs["all_positions_covered"] if mode == "all_positions" else pairs["pairs"]
-    if model["max_seq_len"] != pairs["max_seq_len"]:  # recount for this run's window
-        covered = protocol_pairs(args.data, model["max_seq_len"])["all_positions_covered"] \
-            if mode == "all_positions" else pairs["pairs"]
+    covered = pairs["pairs"]
     epoch_s, how = steady(seconds)
     plan = next((m for m in map(PLAN_LINE.search, lines) if m), None)
     parts = ["+".join(model["modalities"])] if name == "cammsr" else ["id"]
     if name == "cammsr" and model.get("use_category_guidance"):
         parts.append("categories")
-    mode_text = ("all positions, one causal pass per user" if mode == "all_positions" else "one pass per prefix")
+    mode_text = ("all positions, one causal pass per window" if mode == "all_positions" else "one pass per prefix")
     return {"system": "cammsr (ours)", "model": "CAMMSR" if name == "cammsr" else "SASRec",
             "mode": f"{mode_text}; {' + '.join(parts)}", "samples_per_epoch": covered,
             "seconds_per_epoch": round(epoch_s, 2), "samples_per_s": round(covered / epoch_s, 1),
@@ -337,10 +332,8 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, list(args.overrides))
     pairs = protocol_pairs(args.data, cfg.model.max_seq_len)
     print(f"data: {pairs['users']:,} users, {pairs['items']:,} items, {pairs['interactions']:,} interactions; "
-          f"{pairs['pairs']:,} (prefix, next item) training pairs per epoch (the paper's protocol); an "
-          f"all-positions window of {pairs['max_seq_len']} covers {pairs['all_positions_covered']:,} of them, "
-          f"{pairs['all_positions_cut']:,} are cut ({pairs['users_with_cut_pairs']:,} users with more than "
-          f"{pairs['max_seq_len'] + 1} training items)", flush=True)
+          f"{pairs['pairs']:,} (prefix, next item) training pairs per epoch (the paper's protocol), "
+          f"{pairs['all_positions_windows']:,} all-positions windows of at most {pairs['max_seq_len']}", flush=True)
 
     results: dict = {}
     extraction = None
@@ -376,7 +369,7 @@ def main(argv=None) -> dict:
 
     print()
     print(f"Training throughput on {args.dataset}: samples = (prefix, next item) pairs of the paper's protocol "
-          f"({pairs['pairs']:,} per epoch; our all-positions epoch covers {pairs['all_positions_covered']:,})")
+          f"({pairs['pairs']:,} per epoch, on both sides)")
     print(table(rows, peer))
     for r in rows:
         print(f"  {r['model']} ({r['system']}): {r['epoch_time_basis']}; {r['steps_per_epoch']} steps/epoch of "
