@@ -250,15 +250,14 @@ class RunRecommender:
     @torch.no_grad()
     def top_k(self, history: list[int], k: int, exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
         """Best k (item id, score) after `history` (internal ids, oldest first; the last max_seq_len are read),
-        never an id in `exclude`. The sequence is padded to max_seq_len like a full evaluation batch."""
+        never an id in `exclude`. The sequence is as wide as the history, as in an evaluation batch of one user."""
         from train.data import Batch
         from train.evaluate import last_position
         from train.step import model_inputs
         if not history:
             raise DataError("the history is empty: give at least one item")
         recent = history[-self.max_len:]
-        seq = torch.zeros(1, self.max_len, dtype=torch.long)
-        seq[0, :len(recent)] = torch.tensor(recent)
+        seq = torch.tensor([recent], dtype=torch.long)
         batch = Batch(seq, torch.tensor([len(recent)]), torch.zeros(1, dtype=torch.long),
                       torch.ones(1, dtype=torch.bool)).to(self.device)
         seq_emb = self.id_rows[batch.item_seq] * (batch.item_seq != 0)[..., None]  # the table's lookup
