@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 from benchmarks.machine import describe_machine
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@5", "mrr@10")
@@ -38,8 +40,14 @@ def run_row(name: str, run_dir: Path) -> str:
     if metrics.get("test") is None:
         raise SystemExit(f"{run_dir}/metrics.json has no test metrics yet (no validation round finished)")
     test, valid = metrics["test"], metrics["valid"]
-    note = (f"valid ndcg@10 {valid['ndcg@10']:.4f}; best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"
-            + ("; stopped early" if metrics.get("stopped_early") else "; epoch cap reached"))
+    cap = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_epochs"]
+    if metrics.get("stopped_early"):
+        end = "stopped early (patience)"
+    elif metrics["epochs_run"] >= cap:
+        end = "epoch cap reached"
+    else:
+        end = f"NOT finished: {metrics['epochs_run']} of up to {cap} epochs when read"
+    note = f"valid ndcg@10 {valid['ndcg@10']:.4f}; best epoch {metrics['best_epoch']}; {end}"
     return _row(name, [test[m] for m in METRICS], note)
 
 
