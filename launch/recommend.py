@@ -24,7 +24,7 @@ def add_recommend_command(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "recommend", help="top-K next items of a trained run for a history of item ids, with titles",
         description="Load a run written by `cammsr train` (its config.yaml, the dataset it names, a checkpoint) in "
-                    "one process and rank every item after the given history exactly as evaluation ranks it. "
+                    "one process and rank every item after the given history as evaluation ranks it. "
                     "Prints the history and the top K items with original ids, scores and titles.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", dest="run_dir", required=True, type=Path, help="run directory (the --run-dir of `cammsr train`)")
