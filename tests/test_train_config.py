@@ -34,6 +34,7 @@ def test_overrides_and_aliases():
     (["train.zero_stage=2", "train.optimizer=sgd"], "train.optimizer"),
     (["train.zero_stage=5"], "train.zero_stage"),
     (["embedding.sharding=diagonal"], "embedding.sharding"),
+    (["embedding.optimizer=adam"], "embedding.optimizer"),  # no Adam kernel for the TorchRec table on CPU
     (["model.num_heads=3"], "num_heads"),
     (["lr=0.1"], "train.lr"),  # ambiguous: train.lr or embedding.lr
     (["eval.metric=ndcg@20"], "eval.metric"),

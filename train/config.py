@@ -73,7 +73,9 @@ class TrainConfig:
 class EmbeddingConfig:
     backend: str = "torchrec"  # torchrec (DMP EmbeddingCollection) | torch (plain nn.Embedding, world size 1)
     sharding: str = "row_wise"  # row_wise | table_wise | column_wise (TorchRec planner constraint)
-    optimizer: str = "exact_rowwise_adagrad"  # exact_rowwise_adagrad | exact_adagrad | exact_sgd
+    # exact_rowwise_adagrad | exact_adagrad | exact_sgd (both backends) | adam (dense Adam like RecBole's item table:
+    # backend torch only, fbgemm has no CPU Adam kernel)
+    optimizer: str = "exact_rowwise_adagrad"
     lr: float = 0.05
     eps: float = 1e-8
 
@@ -154,7 +156,7 @@ _CHOICES = {
     ("train", "negative_sampler"): ("uniform", "popularity"),
     ("embedding", "backend"): ("torchrec", "torch"),
     ("embedding", "sharding"): ("row_wise", "table_wise", "column_wise"),
-    ("embedding", "optimizer"): ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd"),
+    ("embedding", "optimizer"): ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"),
     ("distributed", "backend"): ("auto", "gloo", "nccl"),
 }
 
@@ -331,6 +333,9 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     if cfg.embedding.backend == "torch" and world_size > 1:
         raise ConfigError(f"embedding.backend='torch' runs on one process only (world size {world_size}); "
                           "use embedding.backend=torchrec for several processes")
+    if cfg.embedding.optimizer == "adam" and cfg.embedding.backend != "torch":
+        raise ConfigError("embedding.optimizer='adam' needs embedding.backend=torch (TorchRec's fused tables have "
+                          "no Adam kernel on CPU); use exact_rowwise_adagrad with torchrec")
     if cfg.model.loss_type == "sampled_softmax" and t.num_negatives < 1:
         raise ConfigError(f"train.num_negatives={t.num_negatives!r}: must be >= 1 with model.loss_type="
                           "'sampled_softmax'")

@@ -38,16 +38,23 @@ def initial_table(num_rows: int, dim: int, seed: int, init_method: str) -> torch
 
 
 class TorchItemTable(nn.Module):
-    """Plain-torch table with an explicit row-wise sparse optimizer (the fused kernels' maths)."""
+    """Plain-torch table with an explicit optimizer: the fused kernels' row-wise maths, or dense Adam (RecBole's
+    optimizer for its item table, which the full softmax updates in every row on every step)."""
 
     backend = "torch"
+    ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as RecBole uses them
 
     def __init__(self, weight: torch.Tensor, optimizer: str, lr: float, eps: float, device: torch.device):
         super().__init__()
         self.weight = nn.Parameter(weight.clone().to(device))
         self.optimizer, self.lr, self.eps = optimizer, lr, eps
-        shape = (weight.shape[0],) if optimizer == "exact_rowwise_adagrad" else tuple(weight.shape)
-        self.register_buffer("momentum", torch.zeros(shape, device=device))
+        if optimizer == "adam":
+            self.register_buffer("exp_avg", torch.zeros_like(self.weight))
+            self.register_buffer("exp_avg_sq", torch.zeros_like(self.weight))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
+        else:
+            shape = (weight.shape[0],) if optimizer == "exact_rowwise_adagrad" else tuple(weight.shape)
+            self.register_buffer("momentum", torch.zeros(shape, device=device))
 
     @property
     def num_rows(self) -> int:
@@ -68,14 +75,16 @@ class TorchItemTable(nn.Module):
     def footprint(self) -> dict:
         """This process's share of the table: rows, bytes of the rows and of the optimizer state."""
         return {"rows": self.num_rows, "table_bytes": self.weight.numel() * self.weight.element_size(),
-                "optimizer_bytes": self.momentum.numel() * self.momentum.element_size()}
+                "optimizer_bytes": sum(b.numel() * b.element_size() for b in self.buffers())}
 
     @torch.no_grad()
     def step(self) -> None:
         grad = self.weight.grad
         if grad is None:
             return
-        if self.optimizer == "exact_sgd":
+        if self.optimizer == "adam":
+            self._adam(grad)
+        elif self.optimizer == "exact_sgd":
             self.weight -= self.lr * grad
         elif self.optimizer == "exact_adagrad":
             self.momentum += grad * grad
@@ -85,13 +94,23 @@ class TorchItemTable(nn.Module):
             self.weight -= (self.lr / (self.momentum.sqrt() + self.eps))[:, None] * grad
         self.weight.grad = None
 
+    def _adam(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.ADAM_BETAS
+        self.steps += 1
+        step = int(self.steps)
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (self.exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(self.eps)
+        self.weight.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - beta1 ** step))
+
     def sharded_state(self) -> dict:
-        return {"weight": self.weight.data, "momentum": self.momentum}
+        return {"weight": self.weight.data, **dict(self.named_buffers())}
 
     @torch.no_grad()
     def load_sharded_state(self, state: dict) -> None:
         self.weight.copy_(state["weight"])
-        self.momentum.copy_(state["momentum"])
+        for name, buffer in self.named_buffers():
+            buffer.copy_(state[name])
 
 
 class _Collection(nn.Module):
