@@ -10,7 +10,7 @@ from .camoe import MixtureOfExperts
 from .category_guidance import CategoryGuidance
 from .config import ModelConfig
 from .item_representation import ItemRepresentation
-from .layers import SequenceEncoder, causal_padding_mask, gather_positions, make_norm, xavier_init_
+from .layers import SequenceEncoder, causal_padding_mask, gather_positions, make_norm, init_weights_
 from .mscl import info_nce, modality_swap
 
 
@@ -33,7 +33,7 @@ class CAMMSR(SequentialRecommender):
                             block_norm_factory=lambda: norm(block_uses_dyt))
             for _ in cfg.modalities)
         self._modality_index = {m: i for i, m in enumerate(cfg.modalities)}
-        xavier_init_(self, cfg.init_method)
+        init_weights_(self, cfg.init_method)
 
     def fit_feature_statistics(self, text_table=None, image_table=None) -> None:
         for modality, table in (("text", text_table), ("image", image_table)):

@@ -21,7 +21,7 @@ _CHOICES = {
     "category_pooling": ("max", "mean", "min"),
     "mscl_reduction": ("mean", "sum"),
     "loss_type": ("full_softmax", "sampled_softmax"),
-    "init_method": ("xavier_normal", "xavier_uniform"),
+    "init_method": ("xavier_normal", "xavier_uniform", "normal"),
     "feature_normalization": ("none", "standardize"),
 }
 
@@ -59,7 +59,8 @@ class ModelConfig:
     hidden_dropout: float = 0.5  # RecBole hidden_dropout_prob default
     attn_dropout: float = 0.5  # RecBole attn_dropout_prob default
     layer_norm_eps: float = 1e-12  # RecBole default
-    init_method: str = "xavier_normal"  # paper: "Xavier initialization with default parameters"
+    # paper: "Xavier initialization with default parameters"; "normal": N(0, 0.02) (RecBole's SASRec)
+    init_method: str = "xavier_normal"
 
     # "prefix": each sample is a prefix, read at seq_len - 1 (RecBole). "all_positions": every position
     # predicts its next item in one pass; needs every part causal (see router_causal).

@@ -96,9 +96,17 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
 
 
-def xavier_init_(module: nn.Module, method: str = "xavier_normal") -> None:
-    """Xavier for every Linear/Embedding weight and expert tensor, zero biases, unit LayerNorm."""
-    init = nn.init.xavier_normal_ if method == "xavier_normal" else nn.init.xavier_uniform_
+def initializer(method: str):
+    """The weight initialiser of `init_method`: Xavier (the paper) or normal(0, 0.02) (RecBole's SASRec,
+    initializer_range 0.02)."""
+    if method == "normal":
+        return lambda weight: nn.init.normal_(weight, mean=0.0, std=0.02)
+    return nn.init.xavier_normal_ if method == "xavier_normal" else nn.init.xavier_uniform_
+
+
+def init_weights_(module: nn.Module, method: str = "xavier_normal") -> None:
+    """`init_method` for every Linear/Embedding weight and expert tensor, zero biases, unit LayerNorm."""
+    init = initializer(method)
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Embedding)):
             init(sub.weight)
@@ -114,5 +122,5 @@ def xavier_init_(module: nn.Module, method: str = "xavier_normal") -> None:
 @torch.no_grad()
 def init_id_table_(weight: torch.Tensor, method: str = "xavier_normal") -> None:
     """Initialise an item-ID table that lives outside the model (row 0 = padding, kept at zero)."""
-    (nn.init.xavier_normal_ if method == "xavier_normal" else nn.init.xavier_uniform_)(weight)
+    initializer(method)(weight)
     weight[0].zero_()

@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import ModelOutput, SequentialRecommender
 from .config import ModelConfig
-from .layers import SequenceEncoder, causal_padding_mask, gather_positions, xavier_init_
+from .layers import SequenceEncoder, causal_padding_mask, gather_positions, init_weights_
 
 
 class SASRec(SequentialRecommender):
@@ -22,7 +22,7 @@ class SASRec(SequentialRecommender):
         self.encoder = SequenceEncoder(d, cfg.num_heads, cfg.num_layers, cfg.ffn_inner_size, cfg.hidden_dropout,
                                        cfg.attn_dropout, input_norm=nn.LayerNorm(d, eps=cfg.layer_norm_eps),
                                        block_norm_factory=lambda: nn.LayerNorm(d, eps=cfg.layer_norm_eps))
-        xavier_init_(self, cfg.init_method)
+        init_weights_(self, cfg.init_method)
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """[N + 1, 1, d]: the ID table itself (tied scoring); feature rows are not used."""

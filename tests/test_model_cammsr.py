@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cammsr import (ABLATIONS, ModelConfig, SampledCandidates, build_model, flops_per_sample, init_id_table_,
                     parameter_counts)
 from cammsr.camoe import AttentiveRouter
-from cammsr.layers import xavier_init_
+from cammsr.layers import init_weights_
 from cammsr.mscl import info_nce
 
 NUM_ITEMS, NUM_CATEGORIES, TEXT_DIM, IMAGE_DIM = 30, 6, 10, 8
@@ -104,7 +104,7 @@ def test_all_positions_mode_leaks_nothing_from_later_positions():
 
 def test_non_causal_router_would_leak_which_is_why_all_positions_requires_the_causal_one():
     router = AttentiveRouter(1, 8, 3, normalize="none", causal=False)
-    xavier_init_(router)
+    init_weights_(router)
     e = torch.randn(1, 6, 1, 8)
     changed = e.clone()
     changed[0, 4] += 1.0

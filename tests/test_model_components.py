@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cammsr import ABLATIONS, ModelConfig, ranking_metric_sums, sums_to_means
 from cammsr.camoe import AttentiveRouter, LinearRouter, ModalityExperts
 from cammsr.category_guidance import CategoryGuidance
-from cammsr.layers import DyT, xavier_init_
+from cammsr.layers import DyT, init_weights_
 from cammsr.mscl import info_nce, modality_swap
 from cammsr.scoring import (full_softmax_cross_entropy, sampled_softmax_cross_entropy, target_ranks,
                             top_k_items)
@@ -59,7 +59,7 @@ def _router_reference(e, qkv, lengths, num_experts, causal):
 def test_attentive_router_matches_direct_attention_over_positions(causal):
     lengths, length, modalities, d, k = [6, 3, 1], 6, 3, 8, 4
     router = AttentiveRouter(modalities, d, k, normalize="none", causal=causal)
-    xavier_init_(router)
+    init_weights_(router)
     e = torch.randn(3, length, modalities, d)
     got = router(e, _valid(lengths, length))
     expected = _router_reference(e, router.qkv.detach(), lengths, k, causal)
@@ -70,7 +70,7 @@ def test_attentive_router_matches_direct_attention_over_positions(causal):
 def test_attentive_router_ignores_padding_content_and_can_normalise():
     lengths, length = [4, 2], 5
     router = AttentiveRouter(2, 8, 3, normalize="softmax", causal=False)
-    xavier_init_(router)
+    init_weights_(router)
     e = torch.randn(2, length, 2, 8)
     changed = e.clone()
     changed[1, 2:] = 100.0
@@ -85,7 +85,7 @@ def test_attentive_router_ignores_padding_content_and_can_normalise():
 
 def test_linear_router_is_softmax_of_affine_map():
     router = LinearRouter(2, 8, 3)
-    xavier_init_(router)
+    init_weights_(router)
     with torch.no_grad():
         router.bias.normal_()
     e = torch.randn(2, 4, 2, 8)
@@ -101,7 +101,7 @@ def test_linear_router_is_softmax_of_affine_map():
 def test_experts_are_gate_weighted_ffns(variant):
     modalities, d, k, mult = 3, 4, 2, 4
     experts = ModalityExperts(variant, modalities, d, k, mult)
-    xavier_init_(experts)
+    init_weights_(experts)
     with torch.no_grad():
         experts.b1.normal_()
         experts.b2.normal_()
@@ -134,7 +134,7 @@ def test_category_weights_are_softmax_of_pooled_bce(pooling, reduction, sign):
     cfg = ModelConfig(hidden_size=4, num_heads=1, category_levels=levels, category_pooling=pooling,
                       category_bce_reduction=reduction, category_weight_sign=sign)
     guidance = CategoryGuidance(cfg, num_categories=5)
-    xavier_init_(guidance)
+    init_weights_(guidance)
     with torch.no_grad():
         guidance.bias.normal_()
     e = torch.randn(2, 3, 3, 4)
@@ -163,7 +163,7 @@ def test_category_weights_are_softmax_of_pooled_bce(pooling, reduction, sign):
 def test_category_guidance_single_level_is_plain_bce_sum_and_runs_in_fp32():
     cfg = ModelConfig(hidden_size=4, num_heads=1, category_bce_reduction="sum")
     guidance = CategoryGuidance(cfg, num_categories=3)
-    xavier_init_(guidance)
+    init_weights_(guidance)
     e = torch.randn(1, 2, 3, 4)
     labels = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -337,3 +337,15 @@ def test_config_defaults_are_the_papers_and_ablations_are_valid():
     for overrides in ABLATIONS.values():
         ModelConfig(**overrides)
     assert ModelConfig(mscl_pairs=[["id", "text"]]).mscl_pairs == (("id", "text"),)
+
+
+def test_init_methods_scale_every_weight():
+    from cammsr.layers import init_id_table_
+    layer = torch.nn.Linear(256, 64)
+    init_weights_(layer, "normal")  # RecBole's SASRec: N(0, 0.02) whatever the shape
+    assert abs(layer.weight.std().item() - 0.02) < 0.002 and layer.bias.abs().max() == 0
+    init_weights_(layer, "xavier_normal")  # the paper: std sqrt(2 / (fan_in + fan_out))
+    assert abs(layer.weight.std().item() - (2 / 320) ** 0.5) < 0.008
+    table = torch.empty(1000, 64)
+    init_id_table_(table, "normal")
+    assert table[0].abs().max() == 0 and abs(table[1:].std().item() - 0.02) < 0.002
