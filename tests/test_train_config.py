@@ -93,3 +93,14 @@ def test_missing_feature_store_without_build_is_refused(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cammsr extract" in proc.stderr and "feature store" in proc.stderr
+
+
+def test_a_checkpoint_predating_a_key_still_matches_while_the_key_holds_its_default():
+    from train.checkpoint import config_changes
+    current = load_config(None, ["train.lr=0.002"]).to_dict()
+    saved = load_config(None, ["train.lr=0.002"]).to_dict()
+    del saved["model"]["init_method"]  # a key added after the checkpoint was written
+    assert config_changes(saved, current) == []
+    changed = load_config(None, ["train.lr=0.002", "model.init_method=normal"]).to_dict()
+    assert config_changes(saved, changed) == ["model.init_method: None -> 'normal'"]
+    assert config_changes(saved, load_config(None, ["train.lr=0.003"]).to_dict()) == ["train.lr: 0.002 -> 0.003"]

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from train.config import ConfigError
+from train.config import Config, ConfigError
 
 LATEST = "latest"
 
@@ -55,13 +55,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Keys whose value differs between a checkpoint's config and this one. A key the checkpoint predates counts as
+    unchanged while it holds its default: a new key's default is the behaviour from before it existed."""
+    return _diff(saved, current, Config().to_dict())
+
+
+def _diff(saved: dict, current: dict, defaults: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
+            keys += _diff(a, b, defaults.get(key, {}), f"{prefix}{key}.")
+        elif a != b and not (key not in saved and key in defaults and b == defaults[key]):
             keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return keys
 
@@ -110,8 +116,8 @@ class Checkpointer:
         if state["data_fingerprint"] != data_fp:
             raise ConfigError(f"--resume: checkpoint {folder} was written for a different dataset "
                               f"(dataset fingerprint {state['data_fingerprint']}, this dataset {data_fp})")
-        if state["config_fingerprint"] != config_fp:
-            changed = _diff(state["config"], config_tree)
+        changed = config_changes(state["config"], config_tree) if state["config_fingerprint"] != config_fp else []
+        if changed:
             raise ConfigError(f"--resume: checkpoint {folder} was written with a different config "
                               f"(fingerprint {state['config_fingerprint']} vs {config_fp}); changed keys: "
                               + "; ".join(changed[:10]))

@@ -25,6 +25,7 @@ import torch
 from cammsr.factory import build_model
 from data_shards.problems import DataError
 from data_shards.reader import ItemRecord, PreparedDataset
+from train.checkpoint import config_changes
 from train.config import Config, ConfigError, load_config
 
 
@@ -198,10 +199,11 @@ class RunRecommender:
         if self.state["data_fingerprint"] != data_fingerprint(data):
             raise DataError(f"{data.root} is not the dataset {run_dir} was trained on (fingerprint "
                             f"{data_fingerprint(data)}, the checkpoint's {self.state['data_fingerprint']})")
-        if self.state["config_fingerprint"] != cfg.fingerprint():
-            from train.checkpoint import _diff
+        changed = (config_changes(self.state["config"], cfg.to_dict())
+                   if self.state["config_fingerprint"] != cfg.fingerprint() else [])
+        if changed:
             raise ConfigError(f"{config_path}, as this code reads it, is not the config of {self.folder}; changed "
-                              "keys: " + "; ".join(_diff(self.state["config"], cfg.to_dict())[:10]))
+                              "keys: " + "; ".join(changed[:10]))
         model_cfg = cfg.model
         self.extra_items = getattr(cfg.data, "extra_items", 0)  # ID rows past the dataset's items (scale runs)
         self.num_rows = data.num_items + self.extra_items + 1
