@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
 from benchmarks.machine import describe_machine
+from cammsr.metrics import ranking_metric_sums, sums_to_means
 from data_shards.reader import PreparedDataset
 from data_shards.sources.synthetic import DEPARTMENTS, synthetic_item_attributes
 from train.recommend import RunRecommender
@@ -32,7 +34,9 @@ def validation_ranks(recommender: RunRecommender, histories: list[list[int]], ta
 
 
 def ndcg_at_10(ranks: np.ndarray) -> float:
-    return float(np.where(ranks <= 10, 1.0 / np.log2(ranks + 1), 0.0).mean()) if len(ranks) else float("nan")
+    if not len(ranks):  # an empty bucket
+        return float("nan")
+    return sums_to_means(ranking_metric_sums(torch.from_numpy(ranks)))["ndcg@10"]
 
 
 def main() -> None:
@@ -52,15 +56,14 @@ def main() -> None:
     sequences = [s.items for s in data.user_sequences()]
     histories = [list(s[:-2]) for s in sequences]
     targets = np.array([s[-2] for s in sequences])
-    frequency = np.bincount(np.concatenate([h for h in histories]), minlength=data.num_items + 1)
+    seen = np.bincount(np.concatenate(histories), minlength=data.num_items + 1)[targets]
     department = attrs.department[[generator_index[h[-1]] for h in histories]]
 
-    groups = [(f"last item in {name}", department == k) for k, name in enumerate(DEPARTMENTS)]
+    groups = [("all users", np.ones(len(targets), dtype=bool))]
+    groups += [(f"last item in {name}", department == k) for k, name in enumerate(DEPARTMENTS)]
     for low, high in FREQUENCY_BUCKETS:
-        count = frequency[targets]
-        inside = (count >= low) & (count <= (high if high is not None else count.max()))
+        inside = (seen >= low) & (seen <= (high if high is not None else seen.max()))
         groups.append((f"target seen {low}-{high if high is not None else ''} times in training", inside))
-    groups.insert(0, ("all users", np.ones(len(targets), dtype=bool)))
 
     names, ranks = [], []
     for spec in args.runs:
