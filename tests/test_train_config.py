@@ -43,6 +43,9 @@ def test_overrides_and_aliases():
     (["train.negative_sampler_exponent=-1"], "train.negative_sampler_exponent"),
     (["eval.max_users=-5"], "eval.max_users"),
     (["data.extra_items=100"], "data.extra_items"),  # CAMMSR has no features for extra items
+    (["train.batch_unit=tokens"], "train.batch_unit"),
+    (["train.batch_unit=targets", "model.sequence_mode=all_positions", "model.router_causal=true",
+      "train.batch_size=20"], "train.batch_size"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

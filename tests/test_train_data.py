@@ -25,9 +25,10 @@ def _training_parts(local) -> list[np.ndarray]:
     return [local.flat[local.offsets[u]:local.offsets[u] + local.train_lengths[u]] for u in range(len(local))]
 
 
-def _rows(local, mode: str, by_length: bool):
+def _rows(local, mode: str, by_length: bool, batch_unit: str = "samples"):
     """(history, targets) of every real sample of one epoch, as item-id arrays."""
-    plan = TrainPlan(local, mode, MAX_LEN, global_batch=7, seed=0, rank=0, world_size=1, by_length=by_length)
+    plan = TrainPlan(local, mode, MAX_LEN, global_batch=7, seed=0, rank=0, world_size=1, by_length=by_length,
+                     batch_unit=batch_unit)
     for _, batch in plan.epoch_batches(epoch=0):
         seqs, lengths, targets = batch.item_seq.numpy(), batch.seq_len.numpy(), batch.targets.numpy()
         for row in np.flatnonzero(batch.real.numpy()):
@@ -47,12 +48,13 @@ def test_prefix_mode_trains_each_prefix_once_with_the_last_max_len_items(local, 
     assert got == expected
 
 
+@pytest.mark.parametrize("batch_unit", ["samples", "targets"])
 @pytest.mark.parametrize("by_length", [False, True])
-def test_all_positions_mode_trains_each_next_item_pair_exactly_once(local, by_length):
+def test_all_positions_mode_trains_each_next_item_pair_exactly_once(local, by_length, batch_unit):
     parts = _training_parts(local)
     expected = Counter((int(items[i - 1]), int(items[i])) for items in parts for i in range(1, len(items)))
     got = Counter()
-    for history, targets in _rows(local, "all_positions", by_length):
+    for history, targets in _rows(local, "all_positions", by_length, batch_unit):
         assert np.array_equal(history[1:], targets[:-1])  # every position predicts the next one
         assert _contiguous_in_some_user(parts, np.append(history, targets[-1]))
         got.update(zip(history.tolist(), targets.tolist()))
@@ -76,3 +78,22 @@ def test_length_batching_cuts_padding_and_keeps_the_batch_order_random(local):
     assert padding(grouped, 0) < 0.5 * padding(random, 0)
     widths = [[batch.item_seq.shape[1] for _, batch in grouped.epoch_batches(epoch)] for epoch in (0, 1)]
     assert widths[0] != sorted(widths[0]) and widths[0] != widths[1]
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_batches_of_targets_score_the_same_number_of_targets_whatever_the_window_lengths(local, by_length):
+    budget = 12
+    plan = TrainPlan(local, "all_positions", MAX_LEN, budget, 0, 0, 1, by_length=by_length, batch_unit="targets")
+    counts = [batch.num_targets for _, batch in plan.epoch_batches(epoch=0)]
+    assert sum(counts) == plan.num_targets == np.maximum(local.train_lengths - 1, 0).sum()
+    assert len(counts) == plan.steps_per_epoch == -(-plan.num_targets // budget)
+    # a batch is cut where the running count crosses a multiple of the budget: off by less than one window
+    # (all but the epoch's last cut, which holds the remainder)
+    assert all(abs(c - budget) < MAX_LEN for c in sorted(counts)[1:])
+    windows = [int(batch.real.sum()) for _, batch in plan.epoch_batches(epoch=0)]
+    assert len(set(windows)) > 1  # short windows come many to a batch, long ones few
+
+
+def test_a_target_budget_smaller_than_a_window_is_refused(local):
+    with pytest.raises(ValueError, match="cannot hold a window"):
+        TrainPlan(local, "all_positions", MAX_LEN, MAX_LEN - 1, 0, 0, 1, batch_unit="targets")

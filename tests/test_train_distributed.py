@@ -106,8 +106,10 @@ def test_torch_backend_matches_torchrec(dataset, reference, tmp_path):
 
 
 def test_all_positions_mode_two_processes_equal_one(dataset, tmp_path):
-    """The all-positions (causal) training mode: same global-batch equivalence, causal router."""
-    mode = [*TINY, "train.batch_size=16", "model.sequence_mode=all_positions", "model.router_causal=true"]
+    """The all-positions (causal) training mode in batches of targets: same global-batch equivalence, causal
+    router."""
+    mode = [*TINY, "train.batch_size=48", "train.batch_unit=targets", "model.sequence_mode=all_positions",
+            "model.router_causal=true"]
     dumps = {}
     for nproc in (1, 2):
         out = tmp_path / f"ap{nproc}.pt"

@@ -40,7 +40,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 1024  # GLOBAL batch (samples per optimizer step over all ranks)
+    batch_size: int = 1024  # GLOBAL batch per optimizer step over all ranks, in batch_unit
+    # samples: rows (a prefix, or a window of all_positions mode). targets: scored positions, so that a step of
+    # long windows and a step of short ones score about as many targets and every target weighs the same in an
+    # epoch (all_positions mode; in prefix mode the two are the same).
+    batch_unit: str = "samples"
     max_epochs: int = 200
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | adamw | sgd (a client torch optimizer: nothing to compile)
@@ -153,6 +157,7 @@ _CHOICES = {
     ("train", "zero_stage"): (0, 1, 2, 3),
     ("train", "mscl_negatives"): ("global", "local"),
     ("train", "batching"): ("by_length", "random"),
+    ("train", "batch_unit"): ("samples", "targets"),
     ("train", "negative_sampler"): ("uniform", "popularity"),
     ("embedding", "backend"): ("torchrec", "torch"),
     ("embedding", "sharding"): ("row_wise", "table_wise", "column_wise"),
@@ -330,6 +335,10 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     if t.batch_size < world_size:
         raise ConfigError(f"train.batch_size={t.batch_size}: the global batch must hold at least one sample "
                           f"per rank (world size {world_size})")
+    if t.batch_unit == "targets" and cfg.model.sequence_mode == "all_positions" and \
+            t.batch_size < cfg.model.max_seq_len:
+        raise ConfigError(f"train.batch_size={t.batch_size} targets: must be >= model.max_seq_len="
+                          f"{cfg.model.max_seq_len} with train.batch_unit='targets' (a window scores up to that many)")
     if cfg.embedding.backend == "torch" and world_size > 1:
         raise ConfigError(f"embedding.backend='torch' runs on one process only (world size {world_size}); "
                           "use embedding.backend=torchrec for several processes")

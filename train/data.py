@@ -81,10 +81,17 @@ def _windows(flat: np.ndarray, ends: np.ndarray, lengths: np.ndarray, max_len: i
 
 class TrainPlan:
     """The global sample order per epoch and this rank's share of each global batch (optionally batches of
-    similar history lengths: `by_length`)."""
+    similar history lengths: `by_length`).
+
+    `batch_unit` says what `global_batch` counts: "samples" (rows), or "targets" (scored positions: a window of
+    all_positions mode counts its length; a prefix sample counts 1). A batch of targets is cut from the epoch's
+    order where the running target count crosses a multiple of `global_batch`, so every step scores about the same
+    number of targets however long its windows are, and every target weighs the same in the epoch's loss."""
 
     def __init__(self, local: LocalSequences, mode: str, max_len: int, global_batch: int, seed: int,
-                 rank: int, world_size: int, by_length: bool = False):
+                 rank: int, world_size: int, by_length: bool = False, batch_unit: str = "samples"):
+        if batch_unit == "targets" and mode == "all_positions" and global_batch < max_len:
+            raise ValueError(f"a batch of {global_batch} targets cannot hold a window of {max_len} targets")
         self.local, self.mode, self.max_len, self.by_length = local, mode, max_len, by_length
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world_size
         pairs = np.maximum(local.train_lengths - 1, 0)
@@ -113,15 +120,20 @@ class TrainPlan:
         else:
             self.sample_length = np.minimum(np.repeat(all_pairs, all_counts) - self.sample_position * max_len,
                                             max_len)
-        self.steps_per_epoch = -(-self.num_samples // global_batch)
+        self.sample_targets = self.sample_length if mode == "all_positions" else np.ones_like(self.sample_length)
+        self.sample_units = self.sample_targets if batch_unit == "targets" else np.ones_like(self.sample_length)
+        self.num_targets = int(self.sample_targets.sum())
+        # every batch is non-empty: consecutive cumulative counts differ by at most max_len <= global_batch
+        self.steps_per_epoch = -(-int(self.sample_units.sum()) // global_batch)
 
     def epoch_batches(self, epoch: int, start_step: int = 0):
         """Yield (step, Batch) of this rank for `epoch`, from `start_step` (resume inside an epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(self.num_samples)
-        batch_index = np.arange(self.num_samples) // self.global_batch
         if self.by_length:  # similar lengths share a batch; the batches' order stays random
             perm = perm[np.argsort(self.sample_length[perm], kind="stable")]
+        batch_index = (np.cumsum(self.sample_units[perm]) - 1) // self.global_batch
+        if self.by_length:
             batch_index = rng.permutation(self.steps_per_epoch)[batch_index]
             regroup = np.argsort(batch_index, kind="stable")
             perm, batch_index = perm[regroup], batch_index[regroup]

@@ -80,7 +80,8 @@ class Trainer:
 
         self.local = LocalSequences(data, env.rank, env.world_size)
         self.plan = TrainPlan(self.local, model_cfg.sequence_mode, model_cfg.max_seq_len, cfg.train.batch_size,
-                              cfg.train.seed, env.rank, env.world_size, cfg.train.batching == "by_length")
+                              cfg.train.seed, env.rank, env.world_size, cfg.train.batching == "by_length",
+                              cfg.train.batch_unit)
         self.num_items = data.num_items + cfg.data.extra_items  # the catalogue: ids 1..num_items
         _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
         model = build_model(model_cfg, self.items.num_categories, self.items.text_dim, self.items.image_dim)
@@ -107,8 +108,9 @@ class Trainer:
                       "stopped_early": False}
         loss = "full softmax" if self.sampler is None else self.sampler.describe()
         _log(env, f"world size {env.world_size} ({env.backend}, {env.device}); {self.plan.num_users:,} users, "
-                  f"{self.num_items:,} items, {self.plan.num_samples:,} training samples "
-                  f"({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} steps/epoch of {cfg.train.batch_size}; "
+                  f"{self.num_items:,} items, {self.plan.num_samples:,} training samples with {self.plan.num_targets:,} "
+                  f"targets ({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} steps/epoch of "
+                  f"{cfg.train.batch_size} {cfg.train.batch_unit}; "
                   f"{loss}; ID table: {cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO "
                   f"{cfg.train.zero_stage}, {cfg.train.precision}")
         if resume and self.checkpointer.latest_tag() is None:
