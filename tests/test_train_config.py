@@ -11,6 +11,12 @@ from train.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path, [], world_size=1, cuda=False)
+    assert cfg.model.name in ("cammsr", "sasrec") and cfg.train.batch_size > 0
+
+
 def test_overrides_and_aliases():
     cfg = load_config(ROOT / "configs" / "ml100k.yaml", ["model=sasrec", "max_epochs=3", "train.lr=2e-3",
                                                          "model.mscl_pairs=[[id, text]]", "eval.ks=[5, 10, 20]"],
