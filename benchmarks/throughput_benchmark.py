@@ -49,7 +49,7 @@ DATASETS = {  # --dataset NAME -> (prepared data, config); --data / --config ove
 }
 SYSTEMS = ("recbole-sasrec", "sasrec", "cammsr")
 EPOCH_LINE = re.compile(r"^epoch (\d+): loss .* in ([0-9.]+)s\s*$")
-PLAN_LINE = re.compile(r"(\d[\d,]*) steps/epoch of (\d+)")
+PLAN_LINE = re.compile(r"(\d[\d,]*) steps/epoch of (\d+ \w+)")  # the trainer's batch_size and batch_unit
 
 
 def now_utc() -> str:
@@ -218,12 +218,6 @@ def ensure_features(args, out: Path) -> dict | None:
     return {"modalities": missing, "seconds": round(wall, 1)}
 
 
-def _batch_unit_name(train: dict, mode: str) -> str:
-    if train.get("batch_unit", "samples") == "targets":
-        return "targets"
-    return "windows" if mode == "all_positions" else "prefixes"
-
-
 def run_ours(args, name: str, pairs: dict, out: Path) -> dict:
     import yaml
     run_dir = out / name
@@ -261,7 +255,7 @@ def run_ours(args, name: str, pairs: dict, out: Path) -> dict:
             "epoch_time_basis": how, "projected": False, "epochs_run": len(seconds),
             "per_epoch_seconds": seconds, "per_epoch_samples": [covered] * len(seconds),
             "steps_per_epoch": int(plan.group(1).replace(",", "")) if plan else None,
-            "batch": f"{resolved['train']['batch_size']} {_batch_unit_name(resolved['train'], mode)}",
+            "batch": plan.group(2) if plan else None,
             "precision": resolved["train"]["precision"], "embedding_backend": resolved["embedding"]["backend"],
             "overrides": overrides, "torch_threads": args.threads, "load_average_before": load_before,
             "load_average_after": load_average(), "process_wall_seconds": round(wall, 1),

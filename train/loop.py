@@ -108,11 +108,11 @@ class Trainer:
                       "stopped_early": False}
         loss = "full softmax" if self.sampler is None else self.sampler.describe()
         _log(env, f"world size {env.world_size} ({env.backend}, {env.device}); {self.plan.num_users:,} users, "
-                  f"{self.num_items:,} items, {self.plan.num_samples:,} training samples with {self.plan.num_targets:,} "
-                  f"targets ({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} steps/epoch of "
-                  f"{cfg.train.batch_size} {cfg.train.batch_unit}; "
-                  f"{loss}; ID table: {cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO "
-                  f"{cfg.train.zero_stage}, {cfg.train.precision}")
+                  f"{self.num_items:,} items, {self.plan.num_samples:,} training samples with "
+                  f"{self.plan.num_targets:,} targets ({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} "
+                  f"steps/epoch of {cfg.train.batch_size} {cfg.train.batch_unit}; {loss}; ID table: "
+                  f"{cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO {cfg.train.zero_stage}, "
+                  f"{cfg.train.precision}")
         if resume and self.checkpointer.latest_tag() is None:
             _log(env, f"--resume: no checkpoint in {self.run_dir} yet; starting the run")
         if resume and self.checkpointer.latest_tag() is not None:
