@@ -147,3 +147,17 @@ def test_quickstart_prints_a_working_command(root, capsys):
     assert args[args.index("--run") + 1] == str(root / "cammsr")
     assert cli_main(args) == 0
     assert "top 10 (history items excluded)" in capsys.readouterr().out
+
+
+def test_modality_score_subsets_sum_to_the_models_own_ranking(root):
+    """benchmarks.modality_scores: the sum over all modalities ranks validation exactly as the recommend path does."""
+    from benchmarks.modality_scores import subset_scores
+    from benchmarks.synthetic_breakdown import ndcg_at_10, validation_ranks
+    from train.recommend import RunRecommender
+    results = subset_scores(root / "cammsr", root / "data")
+    modalities = RunRecommender(root / "cammsr").cfg.model.modalities
+    assert len(results) == 2 ** len(modalities) - 1
+    sequences = [s.items for s in _users(root)]
+    ranks = validation_ranks(RunRecommender(root / "cammsr"), [list(s[:-2]) for s in sequences],
+                             [s[-2] for s in sequences])
+    assert results[" + ".join(modalities)][0] == pytest.approx(ndcg_at_10(ranks), abs=1e-9)
