@@ -138,8 +138,9 @@ class TorchRecItemTable(nn.Module):
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
         from torchrec.distributed.embedding_types import EmbeddingComputeKernel
         from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-        from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+        from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
         from torchrec.distributed.types import ShardingEnv
 
         self.num_rows, self.dim = weight.shape
@@ -153,11 +154,12 @@ class TorchRecItemTable(nn.Module):
         world = dist.get_world_size()
         compute = "cuda" if device.type == "cuda" else "cpu"
         local_world = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", world))
-        topology = Topology(world_size=world, compute_device=compute, local_world_size=local_world)
+        topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local_world),
+                                                   kernel_config=KernelConfig(compute_device=compute))
         constraints = {TABLE: ParameterConstraints(sharding_types=[sharding],
                                                    compute_kernels=[EmbeddingComputeKernel.FUSED.value])}
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
-                                           storage_reservation=HeuristicalStorageReservation(percentage=0.05))
+                                           storage_reservation=FixedPercentageStorageReservation(percentage=0.05))
         module = _Collection(self.num_rows, self.dim)
         plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
         self.dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
