@@ -33,7 +33,14 @@ class CAMMSR(SequentialRecommender):
                             block_norm_factory=lambda: norm(block_uses_dyt))
             for _ in cfg.modalities)
         self._modality_index = {m: i for i, m in enumerate(cfg.modalities)}
+        self.id_only = False
         init_weights_(self, cfg.init_method)
+
+    def set_id_only(self, id_only: bool) -> None:
+        """Score with the ID pathway alone, MSCL off (the trainer's ID warm-up epochs); the content pathways wait."""
+        if id_only and "id" not in self._modality_index:
+            raise ValueError(f"ID-only scoring needs the 'id' modality; modalities are {self.cfg.modalities}")
+        self.id_only = id_only
 
     def fit_feature_statistics(self, text_table=None, image_table=None) -> None:
         for modality, table in (("text", text_table), ("image", image_table)):
@@ -57,18 +64,22 @@ class CAMMSR(SequentialRecommender):
             weights, category_loss = self.category_guidance(e, valid, cat_labels, has_cat)
         fused = (e + weights[..., None].to(e_hat.dtype) * e_hat) * valid[..., None, None]  # Eq. 11
         attention_mask = causal_padding_mask(valid)
-        hidden = torch.stack([encoder(fused[:, :, m], attention_mask) for m, encoder in enumerate(self.encoders)],
-                             dim=2)                                            # [B, L, M, d]
+        hidden = torch.stack([encoder(fused[:, :, m], attention_mask) if self._scores(m)
+                              else torch.zeros_like(fused[:, :, m])
+                              for m, encoder in enumerate(self.encoders)], dim=2)  # [B, L, M, d]
         last = seq_len - 1
         if self.cfg.sequence_mode == "prefix":
             user = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, M, d]
         else:
             user = hidden
-        mscl_loss, views = self._mscl(fused, valid, attention_mask, last)
+        mscl_loss, views = (None, []) if self.id_only else self._mscl(fused, valid, attention_mask, last)
         return ModelOutput(
             user_vectors=user, valid=valid, score_offset=self._score_offset(user, seq_len),
             modality_weights=weights, expert_weights=expert_weights, mscl_loss=mscl_loss,
             category_loss=category_loss, mscl_views=views)
+
+    def _scores(self, modality_index: int) -> bool:
+        return not self.id_only or self.cfg.modalities[modality_index] == "id"
 
     def _mscl(self, fused, valid, attention_mask, last):
         """Eq. 16-18 for each configured pair, summed over pairs; only while training."""

@@ -183,6 +183,25 @@ def test_sampled_softmax_loss_runs_through_the_model():
         model.loss(output, targets, candidates=candidates)
 
 
+def test_id_only_scoring_keeps_the_id_pathway_and_silences_content_and_mscl():
+    model, catalogue = make(hidden_dropout=0.0, attn_dropout=0.0)
+    item_seq, seq_len = random_sequences(4, 8, [8, 3, 5, 1])
+    inputs = catalogue.inputs(item_seq, seq_len)
+    model.eval()
+    full = model(**inputs).user_vectors
+    model.set_id_only(True)
+    alone = model(**inputs).user_vectors
+    torch.testing.assert_close(alone[:, 0], full[:, 0])
+    assert alone[:, 1:].abs().sum() == 0 and full[:, 1:].abs().sum() > 0
+    model.train()
+    assert model(**inputs).mscl_loss is None
+    model.set_id_only(False)
+    assert model(**inputs).mscl_loss is not None
+    without_id, _ = make(modalities=("text", "image"), mscl_pairs=(("text", "image"),))
+    with pytest.raises(ValueError, match="'id' modality"):
+        without_id.set_id_only(True)
+
+
 # ---------------------------------------------------------------- gradients
 
 GRADIENT_CASES = {

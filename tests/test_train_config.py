@@ -52,6 +52,9 @@ def test_overrides_and_aliases():
     (["train.batch_unit=tokens"], "train.batch_unit"),
     (["train.batch_unit=targets", "model.sequence_mode=all_positions", "model.router_causal=true",
       "train.batch_size=20"], "train.batch_size"),
+    (["train.id_warmup_epochs=-1"], "train.id_warmup_epochs"),
+    (["train.id_warmup_epochs=5", "train.max_epochs=5"], "train.id_warmup_epochs"),
+    (["train.id_warmup_epochs=2", "model.modalities=[text]", "model.mscl_pairs=[]"], "train.id_warmup_epochs"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -210,3 +210,16 @@ def test_dead_rank_fails_the_job_quickly(dataset, tmp_path):
     assert proc.returncode != 0
     assert time.time() - killed_at < 90
     assert "rank" in output.lower() and ("failed" in output.lower() or "error" in output.lower())
+
+
+def test_id_warmup_epochs_train_ids_alone_and_never_select_the_best_epoch(dataset, tmp_path):
+    run = tmp_path / "warm"
+    out = _run(_train_cmd(dataset, run, "train.id_warmup_epochs=2")).stdout
+    assert "epoch 0: ID warm-up" in out and "epoch 2: every modality from now on" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [bool(r.get("id_warmup")) for r in metrics["history"]] == [True, True, False, False]
+    assert metrics["best_epoch"] >= 2 and metrics["epochs_run"] == 4
+    best = next(r for r in metrics["history"] if r["epoch"] == metrics["best_epoch"])
+    assert best["valid"] == metrics["valid"] and best["test"] == metrics["test"]
+    warm = [r for r in metrics["history"] if r.get("id_warmup")]
+    assert all("test" not in r for r in warm)  # warm-up epochs never read the test split

@@ -46,6 +46,11 @@ class TrainConfig:
     # epoch (all_positions mode; in prefix mode the two are the same).
     batch_unit: str = "samples"
     max_epochs: int = 200
+    # CAMMSR only, not in the paper (0 = as written): the first N epochs train and score the ID modality alone
+    # (content pathways and MSCL off), then every modality joins. Started together, the content pathways take the
+    # easy part of the signal first and the pathways settle at a worse optimum together (BENCHMARKS.md).
+    # Validation during these epochs is logged but never selects the best epoch or counts toward patience.
+    id_warmup_epochs: int = 0
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | adamw | sgd (a client torch optimizer: nothing to compile)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -319,7 +324,7 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     for key, value in [("train.warmup_steps", t.warmup_steps), ("train.grad_clip", t.grad_clip),
                        ("train.weight_decay", t.weight_decay), ("eval.patience", cfg.eval.patience),
                        ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("eval.max_users", cfg.eval.max_users),
-                       ("data.extra_items", cfg.data.extra_items),
+                       ("data.extra_items", cfg.data.extra_items), ("train.id_warmup_epochs", t.id_warmup_epochs),
                        ("train.negative_sampler_exponent", t.negative_sampler_exponent)]:
         if value < 0:
             raise ConfigError(f"{key}={value!r}: must be >= 0")
@@ -335,6 +340,13 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     if t.batch_size < world_size:
         raise ConfigError(f"train.batch_size={t.batch_size}: the global batch must hold at least one sample "
                           f"per rank (world size {world_size})")
+    if t.id_warmup_epochs and cfg.model.name == "cammsr":
+        if t.id_warmup_epochs >= t.max_epochs:
+            raise ConfigError(f"train.id_warmup_epochs={t.id_warmup_epochs}: must be < train.max_epochs="
+                              f"{t.max_epochs} (the epochs after the warm-up select the model)")
+        if "id" not in cfg.model.modalities:
+            raise ConfigError(f"train.id_warmup_epochs={t.id_warmup_epochs}: needs the 'id' modality in "
+                              f"model.modalities={list(cfg.model.modalities)}")
     if t.batch_unit == "targets" and cfg.model.sequence_mode == "all_positions" and \
             t.batch_size < cfg.model.max_seq_len:
         raise ConfigError(f"train.batch_size={t.batch_size} targets: must be >= model.max_seq_len="

@@ -209,6 +209,7 @@ class Trainer:
         self.engine.train()
         while s["epoch"] < cfg.train.max_epochs and not s["stopped_early"]:
             epoch = s["epoch"]
+            self._set_id_warmup(epoch)
             start = time.perf_counter()
             window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
             signals: dict = {}
@@ -283,12 +284,31 @@ class Trainer:
                                     self.category_names, self.cfg.logging.max_category_scalars,
                                     self.state["global_step"])
 
+    def _in_id_warmup(self, epoch: int) -> bool:
+        return self.cfg.model.name == "cammsr" and epoch < self.cfg.train.id_warmup_epochs
+
+    def _set_id_warmup(self, epoch: int) -> None:
+        if self.cfg.model.name != "cammsr" or not self.cfg.train.id_warmup_epochs:
+            return
+        warmup = self._in_id_warmup(epoch)
+        if warmup != self.model.id_only:
+            _log(self.env, f"epoch {epoch}: " + ("ID warm-up, the ID modality alone (train.id_warmup_epochs="
+                                                   f"{self.cfg.train.id_warmup_epochs})" if warmup
+                                                   else "every modality from now on"))
+        self.model.set_id_only(warmup)
+
     def _validate(self, epoch: int, epoch_seconds: float) -> None:
         cfg, s = self.cfg, self.state
         valid = self._evaluate("valid")
         metric = valid[cfg.eval.metric]
         record = {"epoch": epoch, "valid": valid, "epoch_seconds": round(epoch_seconds, 3)}
         self.monitor.scalars({f"valid/{k}": v for k, v in valid.items() if k != "count"}, s["global_step"])
+        if self._in_id_warmup(epoch):
+            record["id_warmup"] = True
+            s["history"].append(record)
+            _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} (ID warm-up: not a candidate for the best epoch)")
+            self._write_metrics()
+            return
         if s["best_metric"] is None or metric > s["best_metric"]:
             test = self._evaluate("test")
             self.monitor.scalars({f"test/{k}": v for k, v in test.items() if k != "count"}, s["global_step"])
