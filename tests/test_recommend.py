@@ -161,3 +161,20 @@ def test_modality_score_subsets_sum_to_the_models_own_ranking(root):
     ranks = validation_ranks(RunRecommender(root / "cammsr"), [list(s[:-2]) for s in sequences],
                              [s[-2] for s in sequences])
     assert results[" + ".join(modalities)][0] == pytest.approx(ndcg_at_10(ranks), abs=1e-9)
+
+
+def test_paired_comparison_reproduces_the_runs_metric_and_a_run_against_itself_is_zero(root):
+    """benchmarks.paired_comparison: per-user NDCG@10 averages to the recommend path's, and A - A is exactly 0."""
+    from benchmarks.paired_comparison import paired_difference, per_user_ndcg
+    from benchmarks.synthetic_breakdown import ndcg_at_10, validation_ranks
+    from train.recommend import RunRecommender
+    sequences = [s.items for s in _users(root)]
+    per_user = per_user_ndcg(root / "cammsr", root / "data", "test")
+    ranks = validation_ranks(RunRecommender(root / "cammsr"), [list(s[:-1]) for s in sequences],
+                             [s[-1] for s in sequences])
+    assert per_user.shape == (len(sequences),) and per_user.mean() == pytest.approx(ndcg_at_10(ranks), abs=1e-9)
+    same = paired_difference(per_user, per_user, resamples=200)
+    assert same["mean"] == 0 and same["se"] == 0 and same["ci95"] == (0.0, 0.0)
+    shifted = paired_difference(per_user + 0.01, per_user, resamples=200)
+    assert shifted["mean"] == pytest.approx(0.01) and shifted["share_not_above"] == 0
+
