@@ -214,7 +214,7 @@ def test_dead_rank_fails_the_job_quickly(dataset, tmp_path):
 
 def test_id_warmup_epochs_train_ids_alone_and_never_select_the_best_epoch(dataset, tmp_path):
     run = tmp_path / "warm"
-    out = _run(_train_cmd(dataset, run, "train.id_warmup_epochs=2")).stdout
+    out = _run(_train_cmd(dataset, run, "train.id_warmup_epochs=2", "checkpoint.keep=10")).stdout
     assert "epoch 0: ID warm-up" in out and "epoch 2: every modality from now on" in out
     metrics = json.loads((run / "metrics.json").read_text())
     assert [bool(r.get("id_warmup")) for r in metrics["history"]] == [True, True, False, False]
@@ -223,3 +223,14 @@ def test_id_warmup_epochs_train_ids_alone_and_never_select_the_best_epoch(datase
     assert best["valid"] == metrics["valid"] and best["test"] == metrics["test"]
     warm = [r for r in metrics["history"] if r.get("id_warmup")]
     assert all("test" not in r for r in warm)  # warm-up epochs never read the test split
+    # a warm-up checkpoint recommends as it was trained and validated: with the ID pathway alone
+    from benchmarks.per_user import ndcg_at_10_per_user, split_histories, user_vectors_after
+    from train.recommend import RunRecommender
+    histories, targets = split_histories([s.items for s in PreparedDataset(dataset).user_sequences()], "valid")
+    for tag, record in (("ep0001-st0000000", warm[0]), ("best", best)):
+        recommender = RunRecommender(run, checkpoint=tag)
+        assert recommender.model.id_only == bool(record.get("id_warmup"))
+        scores = user_vectors_after(recommender, histories).flatten(1) @ recommender.candidates[1:].flatten(1).T
+        assert float(ndcg_at_10_per_user(scores, targets).mean()) == pytest.approx(record["valid"]["ndcg@10"],
+                                                                                  abs=1e-6)
+

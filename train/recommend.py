@@ -105,6 +105,12 @@ def checkpoint_folder(run_dir: Path, which: str) -> tuple[Path, dict]:
     return folder, json.loads((folder / "trainer.json").read_text())
 
 
+def _trained_in_id_warmup(state: dict, warmup_epochs: int) -> bool:
+    """Whether every step before this checkpoint ran in the ID warm-up (train.id_warmup_epochs)."""
+    last_epoch_trained = state["epoch"] - 1 if state.get("step_in_epoch", 0) == 0 else state["epoch"]
+    return last_epoch_trained < warmup_epochs
+
+
 def dense_state(engine_dir: Path) -> dict[str, torch.Tensor]:
     """The model's state dict from a DeepSpeed checkpoint written at any world size (see the module docstring)."""
     plain = engine_dir / "mp_rank_00_model_states.pt"
@@ -221,6 +227,8 @@ class RunRecommender:
         except RuntimeError as err:
             raise DataError(f"{self.folder}: the dense weights do not fit the model rebuilt from {config_path} and "
                             f"the dataset's feature stores ({str(err).strip().splitlines()[0]} ...)") from err
+        if model_cfg.name == "cammsr" and _trained_in_id_warmup(self.state, cfg.train.id_warmup_epochs):
+            model.set_id_only(True)  # a checkpoint of the ID warm-up: the content pathways were not trained yet
         self.model = model.to(self.device).eval()
         self.id_rows = id_rows.to(self.device)
         self.candidates = self._candidates(self.id_rows)
