@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from train.data import Batch
-from train.evaluate import last_position
 from train.recommend import RunRecommender
-from train.step import model_inputs
 
 
-@torch.no_grad()
 def user_vectors_after(recommender: RunRecommender, histories: list[list[int]]) -> torch.Tensor:
     """[users, M, d] (SASRec: [users, d]): each user's vectors after the given history (its last max_seq_len)."""
-    device, vectors = recommender.device, []
-    for history in histories:
-        recent = history[-recommender.max_len:]
-        seq = torch.tensor([recent], device=device)
-        batch = Batch(seq, torch.tensor([len(recent)], device=device), torch.zeros(1, dtype=torch.long, device=device),
-                      torch.ones(1, dtype=torch.bool, device=device))
-        seq_emb = recommender.id_rows[seq] * (seq != 0)[..., None]
-        with recommender.as_trained():
-            output = recommender.model(*model_inputs(batch, seq_emb, recommender.items, recommender.dtype))
-        vectors.append(last_position(output, batch.seq_len).user_vectors[0].float())
-    return torch.stack(vectors)
+    return torch.stack([recommender.user_output(history).user_vectors[0].float() for history in histories])
 
 
 def ndcg_at_10_per_user(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

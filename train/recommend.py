@@ -26,7 +26,7 @@ from cammsr.factory import build_model
 from data_shards.problems import DataError
 from data_shards.reader import ItemRecord, PreparedDataset
 from train.checkpoint import config_changes
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, in_id_warmup, load_config
 
 
 def item_title(item: ItemRecord) -> str:
@@ -105,10 +105,10 @@ def checkpoint_folder(run_dir: Path, which: str) -> tuple[Path, dict]:
     return folder, json.loads((folder / "trainer.json").read_text())
 
 
-def _trained_in_id_warmup(state: dict, warmup_epochs: int) -> bool:
+def _trained_in_id_warmup(state: dict, cfg: Config) -> bool:
     """Whether every step before this checkpoint ran in the ID warm-up (train.id_warmup_epochs)."""
     last_epoch_trained = state["epoch"] - 1 if state.get("step_in_epoch", 0) == 0 else state["epoch"]
-    return last_epoch_trained < warmup_epochs
+    return in_id_warmup(cfg, last_epoch_trained)
 
 
 def dense_state(engine_dir: Path) -> dict[str, torch.Tensor]:
@@ -227,7 +227,7 @@ class RunRecommender:
         except RuntimeError as err:
             raise DataError(f"{self.folder}: the dense weights do not fit the model rebuilt from {config_path} and "
                             f"the dataset's feature stores ({str(err).strip().splitlines()[0]} ...)") from err
-        if model_cfg.name == "cammsr" and _trained_in_id_warmup(self.state, cfg.train.id_warmup_epochs):
+        if _trained_in_id_warmup(self.state, cfg):
             model.set_id_only(True)  # a checkpoint of the ID warm-up: the content pathways were not trained yet
         self.model = model.to(self.device).eval()
         self.id_rows = id_rows.to(self.device)
@@ -258,9 +258,9 @@ class RunRecommender:
         return self.folder.name
 
     @torch.no_grad()
-    def top_k(self, history: list[int], k: int, exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
-        """Best k (item id, score) after `history` (internal ids, oldest first; the last max_seq_len are read),
-        never an id in `exclude`. The sequence is as wide as the history, as in an evaluation batch of one user."""
+    def user_output(self, history: list[int]):
+        """The model's output at the last position after `history` (internal ids, oldest first; the last
+        max_seq_len are read). The sequence is as wide as the history, as in an evaluation batch of one user."""
         from train.data import Batch
         from train.evaluate import last_position
         from train.step import model_inputs
@@ -273,8 +273,13 @@ class RunRecommender:
         seq_emb = self.id_rows[batch.item_seq] * (batch.item_seq != 0)[..., None]  # the table's lookup
         with self.as_trained():
             output = self.model(*model_inputs(batch, seq_emb, self.items, self.dtype))
+        return last_position(output, batch.seq_len)
+
+    @torch.no_grad()
+    def top_k(self, history: list[int], k: int, exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
+        """Best k (item id, score) after `history` (see user_output), never an id in `exclude`."""
         wanted = min(self.num_rows - 1, k + len(exclude))
-        scores, ids = self.model.recommend(last_position(output, batch.seq_len), self.candidates, wanted)
+        scores, ids = self.model.recommend(self.user_output(history), self.candidates, wanted)
         ranked = [(int(i), float(s)) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if int(i) not in exclude]
         return ranked[:k]
 
