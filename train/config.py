@@ -301,6 +301,11 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def in_id_warmup(cfg: Config, epoch: int) -> bool:
+    """Whether (0-based) `epoch` trains CAMMSR's ID pathway alone (train.id_warmup_epochs)."""
+    return cfg.model.name == "cammsr" and epoch < cfg.train.id_warmup_epochs
+
+
 def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = None) -> None:
     """Cross-field checks; names the key. Runs before any work."""
     import torch

@@ -21,7 +21,7 @@ from cammsr.base import SampledCandidates
 from cammsr.factory import build_model
 from data_shards.reader import PreparedDataset
 from train.checkpoint import Checkpointer, atomic_write_text
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, in_id_warmup
 from train.data import LocalSequences, TrainPlan
 from train.distributed import DistEnv, init_distributed, shutdown
 from train.embeddings import build_item_table, describe_plan
@@ -284,13 +284,10 @@ class Trainer:
                                     self.category_names, self.cfg.logging.max_category_scalars,
                                     self.state["global_step"])
 
-    def _in_id_warmup(self, epoch: int) -> bool:
-        return self.cfg.model.name == "cammsr" and epoch < self.cfg.train.id_warmup_epochs
-
     def _set_id_warmup(self, epoch: int) -> None:
         if self.cfg.model.name != "cammsr" or not self.cfg.train.id_warmup_epochs:
             return
-        warmup = self._in_id_warmup(epoch)
+        warmup = in_id_warmup(self.cfg, epoch)
         if warmup != self.model.id_only:
             _log(self.env, f"epoch {epoch}: " + ("ID warm-up, the ID modality alone (train.id_warmup_epochs="
                                                    f"{self.cfg.train.id_warmup_epochs})" if warmup
@@ -303,7 +300,7 @@ class Trainer:
         metric = valid[cfg.eval.metric]
         record = {"epoch": epoch, "valid": valid, "epoch_seconds": round(epoch_seconds, 3)}
         self.monitor.scalars({f"valid/{k}": v for k, v in valid.items() if k != "count"}, s["global_step"])
-        if self._in_id_warmup(epoch):
+        if in_id_warmup(cfg, epoch):
             record["id_warmup"] = True
             s["history"].append(record)
             _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} (ID warm-up: not a candidate for the best epoch)")
