@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.arguments import parse_with_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     if args.worker:
         return main_worker(args)
     if args.eval_users == 0:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.machine import describe_machine
+from launch.arguments import parse_with_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "recbole_sasrec.py"
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="output folder (default: runs/throughput/<dataset>-<UTC time>)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="extra overrides for both of our runs (e.g. embedding.backend=torch)")
-    args = p.parse_args(argv)
+    args = parse_with_overrides(p, argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown or not args.systems:

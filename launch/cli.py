@@ -7,6 +7,7 @@ from pathlib import Path
 
 from data_shards.prepare import PrepareOptions, prepare
 from data_shards.problems import DataError
+from launch.arguments import parse_with_overrides
 from launch.recommend import add_recommend_command
 from train.command import add_train_command
 from train.config import ConfigError
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     try:
         args.run(args)
     except (DataError, ConfigError, FileNotFoundError) as err:

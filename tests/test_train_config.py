@@ -93,6 +93,30 @@ def test_command_stops_before_any_work(tmp_path):
     assert time.perf_counter() - start < 30
 
 
+def test_overrides_may_stand_between_and_after_the_options():
+    """`--config C a=1 --run-dir R b=2` keeps both overrides in order (argparse alone rejected b=2)."""
+    from launch.arguments import parse_with_overrides
+    from launch.cli import build_parser
+    args = parse_with_overrides(build_parser(), ["train", "--config", "c.yaml", "model.name=sasrec", "--run-dir",
+                                                 "R", "train.max_epochs=2", "--resume", "train.max_epochs=3"])
+    assert args.overrides == ["model.name=sasrec", "train.max_epochs=2", "train.max_epochs=3"]
+    assert args.resume and str(args.run_dir) == "R"
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--run-dir", "R", "a=1", "--run_dir", "S"], "--run_dir"),  # an unknown option
+    (["train", "--run-dir", "R", "a=1", "--resume", "max_epochs"], "max_epochs"),  # a word without '='
+    (["prepare", "--source", "synthetic", "--out", "o", "a=1"], "a=1"),  # a command without overrides
+])
+def test_leftover_arguments_that_are_not_overrides_are_refused_by_name(argv, named, capsys):
+    from launch.arguments import parse_with_overrides
+    from launch.cli import build_parser
+    with pytest.raises(SystemExit) as stop:
+        parse_with_overrides(build_parser(), argv)
+    assert stop.value.code == 2
+    assert f"unrecognized arguments: {named}" in capsys.readouterr().err
+
+
 def test_missing_feature_store_without_build_is_refused(tmp_path):
     from conftest import toy_interactions, toy_items, write_recbole
     from data_shards.prepare import PrepareOptions, prepare

@@ -43,7 +43,7 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers; env wins
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides (values parsed as YAML), after the options")
+                        help="config overrides (values parsed as YAML), anywhere on the line; a later one wins")
     parser.set_defaults(run=_run_train)
     return parser
 
