@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, FileNotFoundError) as err:
         print(f"cammsr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = (f"; {args.run_dir} keeps its last checkpoint: add --resume to continue"
+                if args.command == "train" else "")
+        print(f"cammsr {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     return 0
 
 

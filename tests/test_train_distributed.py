@@ -1,5 +1,6 @@
 """Real multi-process runs on CPU (gloo, no mocks): 1 process == 2 processes == 2 nodes on the same global batches,
-exact distributed evaluation, kill + resume == uninterrupted, a dead rank fails the job, TensorBoard tags."""
+exact distributed evaluation, kill + resume == uninterrupted, a dead or interrupted rank ends the job quickly,
+TensorBoard tags."""
 import json
 import os
 import signal
@@ -210,6 +211,33 @@ def test_dead_rank_fails_the_job_quickly(dataset, tmp_path):
     assert proc.returncode != 0
     assert time.time() - killed_at < 90
     assert "rank" in output.lower() and ("failed" in output.lower() or "error" in output.lower())
+
+
+def test_interrupted_rank_ends_the_job_without_waiting_for_the_collective_timeout(dataset, tmp_path):
+    """Ctrl-C (SIGINT) reaching one rank: it must leave at once, not wait in a shutdown barrier that its peers,
+    stuck in a training collective, never join (that waited for distributed.timeout_s, here 120 s)."""
+    run_dir = tmp_path / "interrupted"
+    cmd = [str(ROOT / "launch" / "single_node.sh"), "--nproc", "2", "--python", PY, "--",
+           "--data", str(dataset), "--run-dir", str(run_dir), *TRAIN, "max_epochs=1000", "distributed.timeout_s=120"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, "the job ended before training"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "train.command" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert workers, "rank 1 not found"
+    workers[0].send_signal(signal.SIGINT)
+    interrupted_at = time.time()
+    try:
+        output, _ = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - interrupted_at < 60, output[-3000:]
+    assert "cammsr train: interrupted" in output and "--resume" in output
 
 
 def test_id_warmup_epochs_train_ids_alone_and_never_select_the_best_epoch(dataset, tmp_path):

@@ -92,10 +92,13 @@ def init_distributed(timeout_s: float = 120.0, backend: str = "auto") -> DistEnv
                    device=device, backend=dist.get_backend())
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group. After an error or an interrupt, do not wait for the peers: they may be inside a
+    training collective that this rank will never join, and a barrier would hold every rank until the timeout."""
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if wait_for_peers:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

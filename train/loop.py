@@ -323,18 +323,21 @@ class Trainer:
         self._write_metrics()
         self.monitor.flush()
 
-    def close(self) -> None:
+    def close(self, wait_for_peers: bool = True) -> None:
         self.monitor.close()
-        shutdown()
+        shutdown(wait_for_peers)
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     trainer = Trainer(cfg, run_dir, resume)
     try:
-        return trainer.train()
-    finally:
-        trainer.close()
+        result = trainer.train()
+    except BaseException:  # KeyboardInterrupt included
+        trainer.close(wait_for_peers=False)
+        raise
+    trainer.close()
+    return result
 
 
 __all__ = ["Trainer", "run_training", "describe_plan"]
