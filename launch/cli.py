@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cammsr {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = (f"; {args.run_dir} keeps its last checkpoint: add --resume to continue"
+        hint = ("; to continue from the latest checkpoint in --run-dir, run the same command with --resume"
                 if args.command == "train" else "")
         print(f"cammsr {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
