@@ -1,0 +1,127 @@
+"""Operator dispatches per training step, by phase and by model part: a CPU-side count of what a GPU step launches.
+
+    python -m benchmarks.step_ops --data data/beauty --config configs/beauty.yaml model.name=sasrec
+    python -m benchmarks.step_ops --data data/beauty --config configs/beauty.yaml          # the config's model
+
+Each top-level aten op that a step dispatches is at least one kernel launch on a GPU. A model as small as the
+paper's (d=64, 2 layers) does little arithmetic per op, so on a GPU its step time is about (ops per step) x (host
+cost per op) rather than FLOPs / peak: this count is what to cut (fusion, torch.compile, CUDA graphs) to make a GPU
+epoch shorter. The trainer's own step runs (same batches, model, DeepSpeed engine and ID table) on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.machine import describe_machine
+from launch.arguments import parse_with_overrides
+
+PART_PREFIX = "part:"
+
+
+def _top_level_ops(prof) -> list:
+    """aten ops not nested in another aten op: one dispatch each (nested ones are their implementation)."""
+    events = prof.events()
+    return [e for e in events if e.name.startswith("aten::")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+
+
+def _part_of(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(PART_PREFIX):
+            return parent.name[len(PART_PREFIX):]
+        parent = parent.cpu_parent
+    return "(outside the model's children: inputs, loss)"
+
+
+def _label_children(model: torch.nn.Module) -> None:
+    """Wrap each direct child's forward (each member's, for a ModuleList / ModuleDict, which has no forward) in a
+    named profiler range, so forward ops can be attributed to it."""
+    for name, child in model.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            members = [(f"{name}.{key}", member) for key, member in child.named_children()]
+        else:
+            members = [(name, child)]
+        for member_name, member in members:
+            _label(member_name, member)
+
+
+def _label(name: str, module: torch.nn.Module) -> None:
+    def enter(module, args):
+        module.__dict__["_ops_range"] = record_function(PART_PREFIX + name).__enter__()
+
+    def leave(module, args, output):
+        module.__dict__.pop("_ops_range").__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def count_step_ops(trainer, steps: int, warmup: int) -> dict:
+    """Mean top-level ops per step for forward, backward, optimizer, and forward ops per model child."""
+    _label_children(trainer.model)
+    batches = trainer.plan.epoch_batches(0, 0)
+    for _ in range(warmup):
+        trainer.train_step(next(batches)[1])
+    phases, parts, names = collections.Counter(), collections.Counter(), collections.Counter()
+    for _ in range(steps):
+        batch = next(batches)[1].to(trainer.env.device)
+        with profile(activities=[ProfilerActivity.CPU]) as forward:
+            terms, _ = trainer.losses(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as backward:
+            trainer.engine.backward(terms.total)
+        with profile(activities=[ProfilerActivity.CPU]) as optimizer:
+            trainer.engine.step()
+            trainer.table.step()
+        for phase, prof in (("forward", forward), ("backward", backward), ("optimizer", optimizer)):
+            ops = _top_level_ops(prof)
+            phases[phase] += len(ops)
+            names.update(e.name for e in ops)
+            if phase == "forward":
+                parts.update(_part_of(e) for e in ops)
+    mean = lambda counter: {k: v / steps for k, v in counter.most_common()}  # noqa: E731
+    return {"phases": mean(phases), "forward_parts": mean(parts), "top_ops": dict(list(mean(names).items())[:8])}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    parser.add_argument("--config", type=Path, required=True, help="YAML config")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per model (mean reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (model.name=sasrec...)")
+    args = parse_with_overrides(parser, argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from train.config import load_config
+    from train.loop import Trainer
+    machine = describe_machine()
+    print(f"machine: {machine['cpu']}, gpu {machine['gpu']}, torch {machine['torch']}, {machine['date']}")
+    cfg = load_config(args.config, [f"data.path={args.data}", "checkpoint.enabled=false", "logging.tensorboard=false",
+                                    *args.overrides])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))  # one per process: DeepSpeed keeps its groups for the process
+        try:
+            result = count_step_ops(trainer, args.steps, args.warmup)
+        finally:
+            trainer.close()
+    total = sum(result["phases"].values())
+    print(f"\n{cfg.model.name} (modalities {'+'.join(cfg.model.modalities) if cfg.model.name == 'cammsr' else 'id'}): "
+          f"{total:,.0f} top-level aten ops per training step (mean of {args.steps}; "
+          f"{trainer.plan.steps_per_epoch} steps per epoch)")
+    for phase, count in result["phases"].items():
+        print(f"  {phase:<10} {count:8,.0f}")
+    print("  forward, by model part:")
+    for part, count in result["forward_parts"].items():
+        print(f"    {part:<48} {count:8,.0f}")
+    print("  most frequent: " + ", ".join(f"{k} {v:,.0f}" for k, v in result["top_ops"].items()))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks.step_ops on a real (tiny) training step: every forward op is attributed once, per model part."""
+import re
+import subprocess
+
+from conftest import PY, ROOT, cpu_env, write_tiny_dataset
+
+TINY = ["model.hidden_size=8", "model.max_seq_len=6", "model.num_layers=1", "model.num_heads=1",
+        "model.num_experts=2", "model.ffn_inner_size=16", "train.batch_size=32", "train.precision=fp32",
+        "data.build_features=false", "embedding.backend=torch"]
+
+
+def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(tmp_path):
+    data = write_tiny_dataset(tmp_path / "tiny")
+    proc = subprocess.run([PY, "-m", "benchmarks.step_ops", "--data", str(data), "--config", "configs/tiny.yaml",
+                           "--steps", "2", "--warmup", "1", *TINY], cwd=ROOT, env=cpu_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    total = int(re.search(r"cammsr \(modalities id\+text\+image\): ([\d,]+) top-level", out).group(1).replace(",", ""))
+    phases = {m.group(1): int(m.group(2).replace(",", ""))
+              for m in re.finditer(r"^  (forward|backward|optimizer)\s+([\d,]+)$", out, re.M)}
+    assert set(phases) == {"forward", "backward", "optimizer"} and all(v > 0 for v in phases.values())
+    assert abs(sum(phases.values()) - total) <= 2  # each printed rounded
+    parts = {m.group(1): int(m.group(2).replace(",", ""))
+             for m in re.finditer(r"^    (\S.*?)\s+([\d,]+)$", out, re.M)}
+    # three modality encoders (each also runs the MSCL views), the MoE, the category guidance, the projections
+    assert {"encoders.0", "encoders.1", "encoders.2", "moe", "category_guidance", "items"} <= set(parts)
+    assert abs(sum(parts.values()) - phases["forward"]) <= len(parts)
