@@ -86,7 +86,7 @@ def test_same_ranking_as_evaluation(root, zero3_run, which, capsys):
     """The loaded checkpoint reproduces the run's own test/valid metrics exactly, and each user's top-1 from the
     command is the argmax, with the same score up to float rounding, of the evaluation path's scores for that
     user's test history."""
-    from train.data import LocalSequences, eval_batches
+    from train.data import LocalSequences, eval_batches, eval_order
     from train.embeddings import TorchItemTable
     from train.evaluate import evaluate, last_position
     from train.recommend import RunRecommender
@@ -109,8 +109,10 @@ def test_same_ranking_as_evaluation(root, zero3_run, which, capsys):
     scores = output.flat_user_vectors().float() @ rec.candidates.flatten(1)[1:].T
     if output.score_offset is not None:
         scores = scores + output.flat_score_offset().float()[:, None]
+    order = eval_order(local)
     for row in (0, 7, 40):
-        history = local.flat[local.offsets[row]:local.offsets[row] + local.lengths[row] - 1]
+        user = order[row]
+        history = local.flat[local.offsets[user]:local.offsets[user] + local.lengths[user] - 1]
         got = _recommend(capsys, "--run", run, "--internal-ids", "--history", ",".join(map(str, history)),
                          "--include-history", "--k", 3)["recommendations"][0]
         assert got["internal_id"] == int(scores[row].argmax()) + 1

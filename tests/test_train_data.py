@@ -1,4 +1,5 @@
-"""The training sample plan: which (history, next item) pairs an epoch trains on, in each sequence mode."""
+"""The training sample plan: which (history, next item) pairs an epoch trains on, in each sequence mode; and the
+evaluation batches (every user once, with the right history and target, in batches of similar lengths)."""
 from collections import Counter
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from data_shards.prepare import PrepareOptions, prepare
 from data_shards.reader import PreparedDataset
 from data_shards.sources.synthetic import generate_synthetic
-from train.data import LocalSequences, TrainPlan
+from train.data import LocalSequences, TrainPlan, eval_batches
 
 MAX_LEN = 5
 
@@ -97,3 +98,30 @@ def test_batches_of_targets_score_the_same_number_of_targets_whatever_the_window
 def test_a_target_budget_smaller_than_a_window_is_refused(local):
     with pytest.raises(ValueError, match="cannot hold a window"):
         TrainPlan(local, "all_positions", MAX_LEN, MAX_LEN - 1, 0, 0, 1, batch_unit="targets")
+
+
+@pytest.mark.parametrize("split, drop", [("valid", 2), ("test", 1)])
+def test_evaluation_sees_every_user_once_with_its_history_in_batches_of_similar_lengths(local, split, drop):
+    max_len, batch_size = 50, 8
+    seen, widths, padding = {}, [], 0
+    for batch in eval_batches(local, split, max_len, batch_size):
+        seqs, lengths, targets = batch.item_seq.numpy(), batch.seq_len.numpy(), batch.targets.numpy()
+        widths.append(seqs.shape[1])
+        assert seqs.shape[1] == lengths.max()  # as wide as its longest history
+        padding += seqs.size - lengths.sum()
+        for row in range(len(lengths)):
+            seen.setdefault((tuple(seqs[row, :lengths[row]]), int(targets[row])), 0)
+            seen[(tuple(seqs[row, :lengths[row]]), int(targets[row]))] += 1
+    expected = Counter()
+    for u in range(len(local)):
+        items = local.flat[local.offsets[u]:local.offsets[u] + local.lengths[u]]
+        history = items[:-drop][-max_len:]
+        expected[(tuple(history), int(items[-drop]))] += 1
+    assert seen == dict(expected)
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    # in user-id order a batch is as wide as its longest history: far more padding
+    id_order = 0
+    for begin in range(0, len(local), batch_size):
+        lengths = np.minimum(local.lengths[begin:begin + batch_size] - drop, max_len)
+        id_order += len(lengths) * int(lengths.max()) - int(lengths.sum())
+    assert padding < 0.5 * id_order

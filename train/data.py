@@ -175,11 +175,19 @@ class TrainPlan:
                      torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real))
 
 
-def eval_batches(local: LocalSequences, split: str, max_len: int, batch_size: int, users: np.ndarray | None = None):
-    """This rank's users for `split` ("valid": history = items[:-2], target items[-2]; "test": items[:-1], items[-1]);
-    `users`: indices into `local` to evaluate (all when None)."""
-    drop = 2 if split == "valid" else 1
+def eval_order(local: LocalSequences, users: np.ndarray | None = None) -> np.ndarray:
+    """Indices into `local` (all, or `users`) in evaluation order: by sequence length, so that a batch of short
+    histories is as wide as its longest one instead of max_len (Beauty: median history 6, a batch of 1024 users
+    in id order almost always holds one of 50)."""
     chosen = np.arange(len(local)) if users is None else np.asarray(users, dtype=np.int64)
+    return chosen[np.argsort(local.lengths[chosen], kind="stable")]
+
+
+def eval_batches(local: LocalSequences, split: str, max_len: int, batch_size: int, users: np.ndarray | None = None):
+    """This rank's users for `split` ("valid": history = items[:-2], target items[-2]; "test": items[:-1], items[-1])
+    in `eval_order`; `users`: indices into `local` to evaluate (all when None)."""
+    drop = 2 if split == "valid" else 1
+    chosen = eval_order(local, users)
     for begin in range(0, len(chosen), batch_size):
         users = chosen[begin:begin + batch_size]
         hist_end = local.offsets[users] + local.lengths[users] - drop

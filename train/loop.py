@@ -296,14 +296,17 @@ class Trainer:
 
     def _validate(self, epoch: int, epoch_seconds: float) -> None:
         cfg, s = self.cfg, self.state
+        start = time.perf_counter()
         valid = self._evaluate("valid")
         metric = valid[cfg.eval.metric]
-        record = {"epoch": epoch, "valid": valid, "epoch_seconds": round(epoch_seconds, 3)}
+        record = {"epoch": epoch, "valid": valid, "epoch_seconds": round(epoch_seconds, 3),
+                  "valid_seconds": round(time.perf_counter() - start, 3)}
         self.monitor.scalars({f"valid/{k}": v for k, v in valid.items() if k != "count"}, s["global_step"])
         if in_id_warmup(cfg, epoch):
             record["id_warmup"] = True
             s["history"].append(record)
-            _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} (ID warm-up: not a candidate for the best epoch)")
+            _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} in {record['valid_seconds']:.1f}s "
+                           "(ID warm-up: not a candidate for the best epoch)")
             self._write_metrics()
             return
         if s["best_metric"] is None or metric > s["best_metric"]:
@@ -317,9 +320,9 @@ class Trainer:
             if cfg.eval.patience and s["bad_rounds"] >= cfg.eval.patience:
                 s["stopped_early"] = True
         s["history"].append(record)
-        _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} (best {s['best_metric']:.4f} at epoch "
-                       f"{s['best_epoch']}); test ndcg@10 at best {s['best_test']['ndcg@10']:.4f}"
-                       + ("; early stop" if s["stopped_early"] else ""))
+        _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} in {record['valid_seconds']:.1f}s (best "
+                       f"{s['best_metric']:.4f} at epoch {s['best_epoch']}); test ndcg@10 at best "
+                       f"{s['best_test']['ndcg@10']:.4f}" + ("; early stop" if s["stopped_early"] else ""))
         self._write_metrics()
         self.monitor.flush()
 
