@@ -216,7 +216,7 @@ def main_worker(args) -> int:
     if cfg.eval.max_users > 0:
         dist.barrier()
         eval_start = time.perf_counter()
-        valid = trainer._evaluate("valid")
+        valid = trainer.evaluate_split("valid")
         eval_s = time.perf_counter() - eval_start
     mine["peak_rss_eval"] = _peak_rss()
     ranks = all_gather_objects(mine)

@@ -134,7 +134,8 @@ class Trainer:
         self.checkpointer.save(tag, self.table, self.engine, state, self.state.get("best_tag"))
         self._last_tag = tag
 
-    def _evaluate(self, split: str) -> dict:
+    def evaluate_split(self, split: str) -> dict:
+        """Metrics of this rank's part of `split` ("valid" | "test"), all-reduced: the same on every rank."""
         cfg = self.cfg
         return evaluate(self.model, self.table, self.items, self.local, split, cfg.model.max_seq_len,
                         cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype,
@@ -297,7 +298,7 @@ class Trainer:
     def _validate(self, epoch: int, epoch_seconds: float) -> None:
         cfg, s = self.cfg, self.state
         start = time.perf_counter()
-        valid = self._evaluate("valid")
+        valid = self.evaluate_split("valid")
         metric = valid[cfg.eval.metric]
         record = {"epoch": epoch, "valid": valid, "epoch_seconds": round(epoch_seconds, 3),
                   "valid_seconds": round(time.perf_counter() - start, 3)}
@@ -310,7 +311,7 @@ class Trainer:
             self._write_metrics()
             return
         if s["best_metric"] is None or metric > s["best_metric"]:
-            test = self._evaluate("test")
+            test = self.evaluate_split("test")
             self.monitor.scalars({f"test/{k}": v for k, v in test.items() if k != "count"}, s["global_step"])
             s.update(best_metric=metric, best_epoch=epoch, bad_rounds=0, best_valid=valid, best_test=test,
                      best_tag=f"ep{epoch + 1:04d}-st{0:07d}")

@@ -37,7 +37,7 @@ def run(data: str, steps: int, stages: list[int], overrides: list[str], run_root
         cfg = load_config(None, [f"data.path={data}", f"train.zero_stage={stage}", "logging.tensorboard=false",
                                  "checkpoint.enabled=false"] + overrides)
         trainer = Trainer(cfg, run_root / f"zero{stage}")
-        before = {split: trainer._evaluate(split) for split in ("valid", "test")}
+        before = {split: trainer.evaluate_split(split) for split in ("valid", "test")}
         losses = []
         for step, batch in trainer.plan.epoch_batches(0):
             if step >= steps:

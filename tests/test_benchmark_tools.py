@@ -1,6 +1,9 @@
-"""benchmarks.step_ops on a real (tiny) training step: every forward op is attributed once, per model part."""
+"""The per-step and per-validation benchmark tools on a real (tiny) trainer: step_ops attributes every forward op
+once, per model part; eval_time validates every user."""
 import re
 import subprocess
+
+import pytest
 
 from conftest import PY, ROOT, cpu_env, write_tiny_dataset
 
@@ -9,8 +12,12 @@ TINY = ["model.hidden_size=8", "model.max_seq_len=6", "model.num_layers=1", "mod
         "data.build_features=false", "embedding.backend=torch"]
 
 
-def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(tmp_path):
-    data = write_tiny_dataset(tmp_path / "tiny")
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(data):
     proc = subprocess.run([PY, "-m", "benchmarks.step_ops", "--data", str(data), "--config", "configs/tiny.yaml",
                            "--steps", "2", "--warmup", "1", *TINY], cwd=ROOT, env=cpu_env(), capture_output=True,
                           text=True, timeout=240)
@@ -26,3 +33,10 @@ def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(tm
     # three modality encoders (each also runs the MSCL views), the MoE, the category guidance, the projections
     assert {"encoders.0", "encoders.1", "encoders.2", "moe", "category_guidance", "items"} <= set(parts)
     assert abs(sum(parts.values()) - phases["forward"]) <= len(parts)
+
+
+def test_eval_time_validates_every_user_once(data):
+    proc = subprocess.run([PY, "-m", "benchmarks.eval_time", "--data", str(data), "--config", "configs/tiny.yaml",
+                           *TINY], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^cammsr: one validation of 81 users in [\d.]+ s \(ndcg@10 0\.\d{6}\)", proc.stdout, re.M), proc.stdout
