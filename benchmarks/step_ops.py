@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.machine import describe_machine
+from benchmarks.scratch_trainer import add_config_arguments, scratch_trainer
 from launch.arguments import parse_with_overrides
 
 PART_PREFIX = "part:"
@@ -93,27 +91,17 @@ def count_step_ops(trainer, steps: int, warmup: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
-    parser.add_argument("--config", type=Path, required=True, help="YAML config")
-    parser.add_argument("--steps", type=int, default=5, help="profiled steps per model (mean reported)")
+    add_config_arguments(parser)
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (mean reported)")
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (model.name=sasrec...)")
     args = parse_with_overrides(parser, argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from train.config import load_config
-    from train.loop import Trainer
     machine = describe_machine()
     print(f"machine: {machine['cpu']}, gpu {machine['gpu']}, torch {machine['torch']}, {machine['date']}")
-    cfg = load_config(args.config, [f"data.path={args.data}", "checkpoint.enabled=false", "logging.tensorboard=false",
-                                    *args.overrides])
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))  # one per process: DeepSpeed keeps its groups for the process
-        try:
-            result = count_step_ops(trainer, args.steps, args.warmup)
-        finally:
-            trainer.close()
+    with scratch_trainer(args) as trainer:
+        result = count_step_ops(trainer, args.steps, args.warmup)
+    model = trainer.cfg.model
     total = sum(result["phases"].values())
-    print(f"\n{cfg.model.name} (modalities {'+'.join(cfg.model.modalities) if cfg.model.name == 'cammsr' else 'id'}): "
+    print(f"\n{model.name} (modalities {'+'.join(model.modalities) if model.name == 'cammsr' else 'id'}): "
           f"{total:,.0f} top-level aten ops per training step (mean of {args.steps}; "
           f"{trainer.plan.steps_per_epoch} steps per epoch)")
     for phase, count in result["phases"].items():
