@@ -77,7 +77,14 @@ def _lift_scalar_parameters(model: nn.Module) -> list[str]:
     return lifted
 
 
+def select_deepspeed_accelerator() -> None:
+    """DeepSpeed picks its accelerator once, when first imported: CUDA where torch sees a GPU, else CPU. Call before
+    that import; a DS_ACCELERATOR already in the environment wins."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_engine(model: nn.Module, train: TrainConfig, world_size: int, total_steps: int):
+    select_deepspeed_accelerator()
     import deepspeed
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))
     _lift_scalar_parameters(model)

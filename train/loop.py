@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -333,7 +332,6 @@ class Trainer:
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     trainer = Trainer(cfg, run_dir, resume)
     try:
         result = trainer.train()

@@ -11,7 +11,6 @@ use it to prove 1 process == N processes == N nodes on the same global batches (
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -73,7 +72,6 @@ def compare(a: dict, b: dict, tol: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     parser = argparse.ArgumentParser(prog="python -m train.parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)

@@ -14,7 +14,6 @@ import contextlib
 import difflib
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -187,10 +186,10 @@ class RunRecommender:
     """The model of one checkpoint (eval mode, compute dtype) and its item candidates [rows, M, d]."""
 
     def __init__(self, run_dir: Path | str, checkpoint: str = "best", data_path: Path | str | None = None):
-        from train.engine import _lift_scalar_parameters, compute_dtype
+        from train.engine import _lift_scalar_parameters, compute_dtype, select_deepspeed_accelerator
         from train.items import load_item_inputs
         from train.loop import data_fingerprint
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        select_deepspeed_accelerator()
         self.run_dir = run_dir = Path(run_dir)
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
