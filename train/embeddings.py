@@ -51,7 +51,11 @@ class TorchItemTable(nn.Module):
         if optimizer == "adam":
             self.register_buffer("exp_avg", torch.zeros_like(self.weight))
             self.register_buffer("exp_avg_sq", torch.zeros_like(self.weight))
-            self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
+            # float32 on the table's device: the fused kernel's step count (no host sync to read it)
+            self.register_buffer("steps", torch.zeros((), dtype=torch.float32, device=device))
+            self._adam = torch.optim.Adam([self.weight], lr=lr, betas=self.ADAM_BETAS, eps=eps, fused=True)
+            self._adam.state[self.weight] = {"step": self.steps, "exp_avg": self.exp_avg,
+                                             "exp_avg_sq": self.exp_avg_sq}
         else:
             shape = (weight.shape[0],) if optimizer == "exact_rowwise_adagrad" else tuple(weight.shape)
             self.register_buffer("momentum", torch.zeros(shape, device=device))
@@ -83,7 +87,7 @@ class TorchItemTable(nn.Module):
         if grad is None:
             return
         if self.optimizer == "adam":
-            self._adam(grad)
+            self._adam.step()
         elif self.optimizer == "exact_sgd":
             self.weight -= self.lr * grad
         elif self.optimizer == "exact_adagrad":
@@ -93,15 +97,6 @@ class TorchItemTable(nn.Module):
             self.momentum += (grad * grad).mean(dim=1)
             self.weight -= (self.lr / (self.momentum.sqrt() + self.eps))[:, None] * grad
         self.weight.grad = None
-
-    def _adam(self, grad: torch.Tensor) -> None:
-        beta1, beta2 = self.ADAM_BETAS
-        self.steps += 1
-        step = int(self.steps)
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (self.exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(self.eps)
-        self.weight.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - beta1 ** step))
 
     def sharded_state(self) -> dict:
         return {"weight": self.weight.data, **dict(self.named_buffers())}

@@ -51,7 +51,10 @@ def client_optimizer(train: TrainConfig, params) -> torch.optim.Optimizer:
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
+    # fused: one kernel for every tensor's update instead of a dozen ops per tensor (549 dispatches per CAMMSR
+    # step on the CPU's default path), on CPU and CUDA alike; equal to the per-tensor update up to float rounding.
+    return cls(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
+               fused=True)
 
 
 def _register_external_parameters(model: nn.Module) -> None:
