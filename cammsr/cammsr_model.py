@@ -64,15 +64,15 @@ class CAMMSR(SequentialRecommender):
             weights, category_loss = self.category_guidance(e, valid, cat_labels, has_cat)
         fused = (e + weights[..., None].to(e_hat.dtype) * e_hat) * valid[..., None, None]  # Eq. 11
         attention_mask = causal_padding_mask(valid)
-        hidden = torch.stack([encoder(fused[:, :, m], attention_mask) if self._scores(m)
-                              else torch.zeros_like(fused[:, :, m])
-                              for m, encoder in enumerate(self.encoders)], dim=2)  # [B, L, M, d]
-        last = seq_len - 1
+        hidden, views = self._encode(fused, valid, attention_mask, seq_len - 1)  # [B, L, M, d]
         if self.cfg.sequence_mode == "prefix":
-            user = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, M, d]
+            user = hidden[torch.arange(hidden.shape[0], device=hidden.device), seq_len - 1]  # [B, M, d]
         else:
             user = hidden
-        mscl_loss, views = (None, []) if self.id_only else self._mscl(fused, valid, attention_mask, last)
+        mscl_loss = None
+        if views:
+            mscl_loss = sum(info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional,
+                                     self.cfg.mscl_reduction) for z_i, z_j in views)
         return ModelOutput(
             user_vectors=user, valid=valid, score_offset=self._score_offset(user, seq_len),
             modality_weights=weights, expert_weights=expert_weights, mscl_loss=mscl_loss,
@@ -81,20 +81,38 @@ class CAMMSR(SequentialRecommender):
     def _scores(self, modality_index: int) -> bool:
         return not self.id_only or self.cfg.modalities[modality_index] == "id"
 
-    def _mscl(self, fused, valid, attention_mask, last):
-        """Eq. 16-18 for each configured pair, summed over pairs; only while training."""
-        if not (self.training and self.cfg.mscl_pairs and self.cfg.mscl_weight > 0):
-            return None, []
-        total, views = 0.0, []
-        for first, second in self.cfg.mscl_pairs:
-            i, j = self._modality_index[first], self._modality_index[second]
-            seq_i, seq_j, _ = modality_swap(fused[:, :, i], fused[:, :, j], valid, self.cfg.mscl_swap_prob)
-            z_i = gather_positions(self.encoders[i](seq_i, attention_mask), last)
-            z_j = gather_positions(self.encoders[j](seq_j, attention_mask), last)
-            total = total + info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional,
-                                     self.cfg.mscl_reduction)
-            views.append((z_i, z_j))
-        return total, views
+    def _mscl_active(self) -> bool:
+        return self.training and not self.id_only and bool(self.cfg.mscl_pairs) and self.cfg.mscl_weight > 0
+
+    def _encode(self, fused, valid, attention_mask, last):
+        """Each modality's Transformer over its fused sequence (Eq. 14) and, while training, over the MSCL swap
+        views it encodes (Eq. 16-17): one pass per encoder, the views stacked under the batch, since a step of a
+        model this small costs its number of dispatched ops, not its arithmetic.
+
+        Returns hidden [B, L, M, d] and the (Z_aug^{m1}, Z_aug^{m2}) pair of each MSCL pair (Eq. 18's inputs).
+        """
+        inputs = [[fused[:, :, m]] for m in range(len(self.encoders))]
+        slots = []  # per pair: (encoder, index in its inputs) of each view
+        if self._mscl_active():
+            for first, second in self.cfg.mscl_pairs:
+                i, j = self._modality_index[first], self._modality_index[second]
+                seq_i, seq_j, _ = modality_swap(fused[:, :, i], fused[:, :, j], valid, self.cfg.mscl_swap_prob)
+                slots.append(((i, len(inputs[i])), (j, len(inputs[j]))))
+                inputs[i].append(seq_i)
+                inputs[j].append(seq_j)
+        batch = fused.shape[0]
+        outputs = []
+        for m, encoder in enumerate(self.encoders):
+            if not self._scores(m):
+                outputs.append([torch.zeros_like(fused[:, :, m])])
+                continue
+            stacked = torch.cat(inputs[m]) if len(inputs[m]) > 1 else inputs[m][0]
+            mask = attention_mask.repeat(len(inputs[m]), 1, 1, 1) if len(inputs[m]) > 1 else attention_mask
+            outputs.append(encoder(stacked, mask).split(batch))
+        hidden = torch.stack([out[0] for out in outputs], dim=2)
+        views = [(gather_positions(outputs[i][a], last), gather_positions(outputs[j][b], last))
+                 for (i, a), (j, b) in slots]
+        return hidden, views
 
     def _score_offset(self, user: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor | None:
         """Literal Eq. 15: sum_m Z^m . p at the position the target would take (clamped to the table)."""

@@ -153,6 +153,51 @@ def test_total_loss_is_recommendation_plus_lambda_mscl_plus_optional_category_te
     assert model(**catalogue.inputs(item_seq, seq_len)).mscl_loss is None
 
 
+def test_each_encoder_reads_its_swap_views_in_the_main_pass_as_if_each_were_encoded_alone():
+    model, catalogue = make(hidden_dropout=0.0, attn_dropout=0.0)
+    item_seq, seq_len = random_sequences(4, 8, [8, 3, 5, 1])
+    passes = []
+    hooks = [encoder.register_forward_hook(lambda module, args, out: passes.append((module, *args, out)))
+             for encoder in model.encoders]
+    output = model(**catalogue.inputs(item_seq, seq_len))
+    for hook in hooks:
+        hook.remove()
+
+    assert len(passes) == 3  # one per modality; the three pairs give each encoder two views
+    last, valid = seq_len - 1, item_seq != 0
+    alone = []
+    for encoder, stacked, mask, out in passes:
+        assert stacked.shape[0] == 3 * 4
+        chunks = [encoder(seq, mask[:4]) for seq in stacked.split(4)]
+        torch.testing.assert_close(out, torch.cat(chunks), rtol=1e-5, atol=1e-6)
+        alone.append((stacked.split(4), chunks))
+    main = torch.stack([chunks[0][torch.arange(4), last] for _, chunks in alone], dim=1)
+    torch.testing.assert_close(output.user_vectors, main, rtol=1e-5, atol=1e-6)
+
+    index = {m: i for i, m in enumerate(model.cfg.modalities)}
+    used = {i: 1 for i in range(3)}
+    for (first, second), (z_i, z_j) in zip(model.cfg.mscl_pairs, output.mscl_views):
+        i, j = index[first], index[second]
+        (seqs_i, chunks_i), (seqs_j, chunks_j) = alone[i], alone[j]
+        view_i, view_j = seqs_i[used[i]], seqs_j[used[j]]
+        main_i, main_j = seqs_i[0], seqs_j[0]
+        swapped = (view_i != main_i).any(-1)
+        assert not swapped[~valid].any() and swapped.any() and not swapped.all()
+        torch.testing.assert_close(view_i, torch.where(swapped[..., None], main_j, main_i))
+        torch.testing.assert_close(view_j, torch.where(swapped[..., None], main_i, main_j))
+        torch.testing.assert_close(z_i, chunks_i[used[i]][torch.arange(4), last], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z_j, chunks_j[used[j]][torch.arange(4), last], rtol=1e-5, atol=1e-6)
+        used[i] += 1
+        used[j] += 1
+
+    model.eval()
+    batch_sizes = []
+    for encoder in model.encoders:
+        encoder.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    model(**catalogue.inputs(item_seq, seq_len))
+    assert batch_sizes == [4, 4, 4]  # evaluation has no views
+
+
 def test_literal_position_in_candidates_adds_one_constant_per_user_and_keeps_ranks():
     model, catalogue = make(score_with_position=True, hidden_dropout=0.0, attn_dropout=0.0)
     model.eval()
