@@ -3,10 +3,10 @@
     python -m benchmarks.step_ops --data data/beauty --config configs/beauty.yaml model.name=sasrec
     python -m benchmarks.step_ops --data data/beauty --config configs/beauty.yaml          # the config's model
 
-Each top-level aten op that a step dispatches is at least one kernel launch on a GPU. A model as small as the
-paper's (d=64, 2 layers) does little arithmetic per op, so on a GPU its step time is about (ops per step) x (host
-cost per op) rather than FLOPs / peak: this count is what to cut (fusion, torch.compile, CUDA graphs) to make a GPU
-epoch shorter. The trainer's own step runs (same batches, model, DeepSpeed engine and ID table) on this machine.
+Each top-level aten op that a step dispatches costs the host one dispatch; all but the view ops (reshape, t,
+transpose..., counted apart) also launch at least one kernel on a GPU. A model as small as the paper's (d=64,
+2 layers) does little arithmetic per op, so on a GPU its step time is about (ops per step) x (host cost per op)
+rather than FLOPs / peak: this count is what to cut (fusion, torch.compile, CUDA graphs) to make a GPU epoch shorter. The trainer's own step runs (same batches, model, DeepSpeed engine and ID table) on this machine.
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ from benchmarks.scratch_trainer import add_config_arguments, scratch_trainer
 from launch.arguments import parse_with_overrides
 
 PART_PREFIX = "part:"
+# ops that only make a new view of a tensor's memory (no kernel; reshape copies only when it must)
+VIEW_OPS = {f"aten::{name}" for name in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "squeeze", "unsqueeze",
+    "expand", "detach", "alias", "select", "slice", "narrow", "split", "split_with_sizes", "unbind", "as_strided",
+    "view_as", "flatten", "unflatten", "chunk", "diagonal")}
 
 
 def _top_level_ops(prof) -> list:
@@ -70,6 +75,7 @@ def count_step_ops(trainer, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         trainer.train_step(next(batches)[1])
     phases, parts, names = collections.Counter(), collections.Counter(), collections.Counter()
+    views = 0
     for _ in range(steps):
         batch = next(batches)[1].to(trainer.env.device)
         with profile(activities=[ProfilerActivity.CPU]) as forward:
@@ -83,10 +89,12 @@ def count_step_ops(trainer, steps: int, warmup: int) -> dict:
             ops = _top_level_ops(prof)
             phases[phase] += len(ops)
             names.update(e.name for e in ops)
+            views += sum(e.name in VIEW_OPS for e in ops)
             if phase == "forward":
                 parts.update(_part_of(e) for e in ops)
     mean = lambda counter: {k: v / steps for k, v in counter.most_common()}  # noqa: E731
-    return {"phases": mean(phases), "forward_parts": mean(parts), "top_ops": dict(list(mean(names).items())[:8])}
+    return {"phases": mean(phases), "views": views / steps, "forward_parts": mean(parts),
+            "top_ops": dict(list(mean(names).items())[:8])}
 
 
 def main(argv=None) -> None:
@@ -106,6 +114,7 @@ def main(argv=None) -> None:
           f"{trainer.plan.steps_per_epoch} steps per epoch)")
     for phase, count in result["phases"].items():
         print(f"  {phase:<10} {count:8,.0f}")
+    print(f"  of all these, views (host time, no kernel): {result['views']:,.0f}")
     print("  forward, by model part:")
     for part, count in result["forward_parts"].items():
         print(f"    {part:<48} {count:8,.0f}")

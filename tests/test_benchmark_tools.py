@@ -28,9 +28,12 @@ def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(da
               for m in re.finditer(r"^  (forward|backward|optimizer)\s+([\d,]+)$", out, re.M)}
     assert set(phases) == {"forward", "backward", "optimizer"} and all(v > 0 for v in phases.values())
     assert abs(sum(phases.values()) - total) <= 2  # each printed rounded
+    views = int(re.search(r"views \(host time, no kernel\): ([\d,]+)$", out, re.M).group(1).replace(",", ""))
+    assert 0 < views < total
     parts = {m.group(1): int(m.group(2).replace(",", ""))
              for m in re.finditer(r"^    (\S.*?)\s+([\d,]+)$", out, re.M)}
-    # three modality encoders (each also runs the MSCL views), the MoE, the category guidance, the projections
+    # three modality encoders (each reads its MSCL views in the same pass), the MoE, the category guidance, the
+    # projections
     assert {"encoders.0", "encoders.1", "encoders.2", "moe", "category_guidance", "items"} <= set(parts)
     assert abs(sum(parts.values()) - phases["forward"]) <= len(parts)
 
