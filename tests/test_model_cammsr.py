@@ -252,7 +252,8 @@ def test_id_only_scoring_keeps_the_id_pathway_and_silences_content_and_mscl():
 GRADIENT_CASES = {
     "paper default": {},
     **{name: overrides for name, overrides in ABLATIONS.items()},
-    "normalised router, DyT everywhere, affine": dict(router_normalize="softmax", dyt_in_blocks=True, dyt_affine=True),
+    "literal router (G as written), DyT everywhere, affine": dict(router_normalize="none", dyt_in_blocks=True,
+                                                                   dyt_affine=True),
     "all positions, bidirectional MSCL": dict(sequence_mode="all_positions", router_causal=True,
                                               mscl_bidirectional=True, category_weight_sign="negative"),
     "sasrec": dict(name="sasrec"),
