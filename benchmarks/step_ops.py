@@ -6,7 +6,8 @@
 Each top-level aten op that a step dispatches costs the host one dispatch; all but the view ops (reshape, t,
 transpose..., counted apart) also launch at least one kernel on a GPU. A model as small as the paper's (d=64,
 2 layers) does little arithmetic per op, so on a GPU its step time is about (ops per step) x (host cost per op)
-rather than FLOPs / peak: this count is what to cut (fusion, torch.compile, CUDA graphs) to make a GPU epoch shorter. The trainer's own step runs (same batches, model, DeepSpeed engine and ID table) on this machine.
+rather than FLOPs / peak: this count is what to cut (fusion, torch.compile, CUDA graphs) to make a GPU epoch
+shorter. The trainer's own step runs (same batches, model, DeepSpeed engine and ID table) on this machine.
 """
 from __future__ import annotations
 

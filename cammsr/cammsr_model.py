@@ -64,9 +64,10 @@ class CAMMSR(SequentialRecommender):
             weights, category_loss = self.category_guidance(e, valid, cat_labels, has_cat)
         fused = (e + weights[..., None].to(e_hat.dtype) * e_hat) * valid[..., None, None]  # Eq. 11
         attention_mask = causal_padding_mask(valid)
-        hidden, views = self._encode(fused, valid, attention_mask, seq_len - 1)  # [B, L, M, d]
+        last = seq_len - 1
+        hidden, views = self._encode(fused, valid, attention_mask, last)  # [B, L, M, d]
         if self.cfg.sequence_mode == "prefix":
-            user = hidden[torch.arange(hidden.shape[0], device=hidden.device), seq_len - 1]  # [B, M, d]
+            user = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, M, d]
         else:
             user = hidden
         mscl_loss = None
