@@ -86,6 +86,37 @@ def test_two_nodes_rendezvous_match(dataset, reference, tmp_path):
     assert compare({2: reference[2]}, nodes, 1e-5) == []
 
 
+_GROUPS_FREED = """
+import gc, sys, weakref
+from pathlib import Path
+from torch.distributed import distributed_c10d
+from train.distributed import shutdown
+from train.parity import run
+run(sys.argv[1], 2, [0, 2], sys.argv[3:], Path(sys.argv[2]))
+default = distributed_c10d._get_default_group()
+groups = [weakref.ref(group) for group in distributed_c10d._world.pg_map if group is not default]
+del default
+shutdown()
+gc.collect()
+print("GROUPS", len(groups), "ALIVE", sum(ref() is not None for ref in groups))
+"""
+
+
+def test_deepspeed_process_groups_are_freed_before_the_interpreter_exits(dataset, tmp_path):
+    """A Gloo group's worker threads stop only in its destructor; alive at finalization, one of them can abort the
+    process after a good run (train.distributed._release_process_groups). After Trainer.release and shutdown, the
+    groups DeepSpeed made (ZeRO 0 and 2) must be unreferenced. The default group stays: torch itself holds it, the
+    at-exit pause covers its threads."""
+    driver = tmp_path / "groups_freed.py"
+    driver.write_text(_GROUPS_FREED)
+    proc = _run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+                 str(driver), str(dataset), str(tmp_path / "runs"), *TINY])
+    counts = [line.split() for line in proc.stdout.splitlines() if line.startswith("GROUPS")]
+    assert len(counts) == 2, proc.stdout[-3000:]
+    for _, groups, _, alive in counts:
+        assert int(groups) >= 1 and int(alive) == 0
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
 def test_other_launchers_match(dataset, reference, tmp_path, launcher):
     """The deepspeed launcher and accelerate launch run the same entry point with the same result."""

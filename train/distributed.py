@@ -7,8 +7,11 @@ deepspeed launcher sets even on CPU machines). Backend: nccl on GPU, gloo on CPU
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -88,6 +91,8 @@ def init_distributed(timeout_s: float = 120.0, backend: str = "auto") -> DistEnv
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)
+        atexit.unregister(_let_gloo_workers_finish)  # once, however often a group is made
+        atexit.register(_let_gloo_workers_finish)
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    device=device, backend=dist.get_backend())
 
@@ -100,7 +105,34 @@ def shutdown(wait_for_peers: bool = True) -> None:
             if wait_for_peers:
                 dist.barrier()
         finally:
-            dist.destroy_process_group()
+            _release_process_groups()
+
+
+def _release_process_groups() -> None:
+    """Destroy the groups and drop DeepSpeed's cached references to them.
+
+    Why it matters: a Gloo worker thread lets go of each finished collective only after the caller has moved on, and
+    letting go can need the GIL (the collective's tensors may own Python objects). If the interpreter is finalizing
+    by then, Python ends that thread inside a C++ destructor: std::terminate, SIGABRT, a failed job after a good run
+    (seen in CI on the 2-node test; a core dump shows ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> take_gil
+    -> pthread_exit). destroy_process_group leaves the worker threads running; only a group's destructor joins them,
+    and it runs when the last reference goes. So: release DeepSpeed's references here, the engine's grad hooks in
+    Trainer.release (they make the engine uncollectable), and collect at exit, before finalization
+    (_let_gloo_workers_finish).
+    """
+    import deepspeed.comm
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
+def _let_gloo_workers_finish() -> None:
+    """At exit, while the interpreter is still whole (atexit): free the released groups, whose destructors join their
+    worker threads. Some groups stay referenced to the end (torch keeps the default one from C++, ZeRO-3 its engine):
+    a pause with the GIL released lets their threads drop their last finished work first."""
+    gc.collect()
+    time.sleep(0.1)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

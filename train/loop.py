@@ -326,8 +326,13 @@ class Trainer:
         self._write_metrics()
         self.monitor.flush()
 
-    def close(self, wait_for_peers: bool = True) -> None:
+    def release(self) -> None:
+        """Close the monitor and the engine; the process group stays (another Trainer may follow)."""
         self.monitor.close()
+        self.engine.destroy()  # removes ZeRO's grad hooks, which keep the engine and its process groups alive
+
+    def close(self, wait_for_peers: bool = True) -> None:
+        self.release()
         shutdown(wait_for_peers)
 
 

@@ -49,6 +49,7 @@ def run(data: str, steps: int, stages: list[int], overrides: list[str], run_root
             losses.append(float(value) / trainer.env.world_size)
         results[stage] = {"metrics_before": before, "losses": losses, "table": trainer.table.all_rows(),
                           "dense": _dense_state(trainer.engine), "world_size": trainer.env.world_size}
+        trainer.release()
     return results
 
 

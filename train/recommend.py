@@ -124,7 +124,7 @@ def dense_state(engine_dir: Path) -> dict[str, torch.Tensor]:
 def _single_process_group(timeout_s: float):
     """A world of one for the TorchRec table (an existing world of one is reused and left alone)."""
     import torch.distributed as dist
-    from train.distributed import init_distributed, read_env
+    from train.distributed import init_distributed, read_env, shutdown
     if read_env()[1] > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
         raise ConfigError("recommend runs as ONE process: start it without torchrun/srun/deepspeed")
     owned = not dist.is_initialized()
@@ -133,7 +133,7 @@ def _single_process_group(timeout_s: float):
         yield env.device
     finally:
         if owned:
-            dist.destroy_process_group()
+            shutdown(wait_for_peers=False)
 
 
 @contextlib.contextmanager
