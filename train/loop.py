@@ -332,8 +332,10 @@ class Trainer:
         self.engine.destroy()  # removes ZeRO's grad hooks, which keep the engine and its process groups alive
 
     def close(self, wait_for_peers: bool = True) -> None:
-        self.release()
-        shutdown(wait_for_peers)
+        try:
+            self.release()
+        finally:
+            shutdown(wait_for_peers)
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
