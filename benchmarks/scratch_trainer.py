@@ -17,8 +17,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def scratch_trainer(args: argparse.Namespace) -> Iterator:
-    """A Trainer for args.data / args.config / args.overrides, closed on leaving. One per process: DeepSpeed keeps
-    its process groups for the life of the process."""
+    """A Trainer for args.data / args.config / args.overrides, closed on leaving (process group included)."""
     from train.config import load_config
     from train.loop import Trainer
     cfg = load_config(args.config, [f"data.path={args.data}", "checkpoint.enabled=false", "logging.tensorboard=false",
