@@ -1,6 +1,6 @@
 """Real multi-process runs on CPU (gloo, no mocks): 1 process == 2 processes == 2 nodes on the same global batches,
 exact distributed evaluation, kill + resume == uninterrupted, a dead or interrupted rank ends the job quickly,
-TensorBoard tags."""
+TensorBoard tags, the progress bar."""
 import json
 import os
 import signal
@@ -163,7 +163,8 @@ def _train_cmd(dataset, run_dir, *extra, resume=False):
 
 def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path):
     full = tmp_path / "full"
-    _run(_train_cmd(dataset, full))
+    trained = _run(_train_cmd(dataset, full))
+    assert "epoch 0:" in trained.stderr and "step/s]" in trained.stderr, trained.stderr[-2000:]  # the progress bar
     metrics = json.loads((full / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"ndcg@5", "ndcg@10", "mrr@5", "mrr@10", "recall@5", "recall@10"}
     assert "ndcg@10" in metrics["valid"] and (full / "config.yaml").is_file()

@@ -9,12 +9,14 @@ import dataclasses
 import hashlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from cammsr.base import SampledCandidates
 from cammsr.factory import build_model
@@ -214,6 +216,7 @@ class Trainer:
             window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
             signals: dict = {}
             epoch_loss, epoch_n = torch.zeros(4), 0
+            bar = self._progress_bar(epoch)
             for step, batch in self.plan.epoch_batches(epoch, s["step_in_epoch"]):
                 window["samples"] += int(batch.real.sum())  # CPU tensors: no device sync
                 window["tokens"] += int(batch.seq_len[batch.real].sum())
@@ -227,10 +230,12 @@ class Trainer:
                 if s["global_step"] % log_every == 0 or step + 1 == self.plan.steps_per_epoch:
                     epoch_loss += window["loss"].cpu()
                     epoch_n += window["n"]
-                    self._log_window(window)
+                    bar.set_postfix(self._log_window(window), refresh=False)
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
                 if every and s["global_step"] % every == 0 and step + 1 < self.plan.steps_per_epoch:
                     self._checkpoint(epoch, step + 1)
+                bar.update()
+            bar.close()
             elapsed = time.perf_counter() - start
             losses = epoch_loss / max(epoch_n, 1)
             _log(env, f"epoch {epoch}: loss {losses[0]:.4f} (rec {losses[1]:.4f}, mscl {losses[2]:.4f}) "
@@ -246,7 +251,15 @@ class Trainer:
         self.monitor.flush()
         return {"valid": s["best_valid"], "test": s["best_test"]}
 
-    def _log_window(self, window: dict) -> None:
+    def _progress_bar(self, epoch: int) -> tqdm:
+        """The epoch's steps with rate and ETA on the main rank's stderr (`logging.progress`); redrawn every
+        second on a terminal, every 30 s into a log file."""
+        return tqdm(total=self.plan.steps_per_epoch, initial=self.state["step_in_epoch"], desc=f"epoch {epoch}",
+                    unit="step", leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30,
+                    disable=not (self.env.is_main and self.cfg.logging.progress))
+
+    def _log_window(self, window: dict) -> dict[str, str]:
+        """Writes the window's losses and rates to TensorBoard; returns the two the progress bar shows."""
         env, s = self.env, self.state
         counts = torch.tensor([window["samples"], window["tokens"]], dtype=torch.float64)
         loss = window["loss"].detach().cpu().double() / max(window["n"], 1)
@@ -265,6 +278,7 @@ class Trainer:
             "perf/samples_per_s": float(packed[0]) / seconds, "perf/tokens_per_s": float(packed[1]) / seconds,
             "perf/step_time_s": seconds / max(window["n"], 1)}, step)
         self.monitor.memory(step)
+        return {"loss": f"{float(loss[0]):.4f}", "tokens/s": f"{float(packed[1]) / seconds:,.0f}"}
 
     def _log_signals(self, signals: dict) -> None:
         if not signals:
