@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .mscl import info_nce
 from .scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy, target_ranks, top_k_items
 
 
@@ -16,8 +17,9 @@ class ModelOutput:
     """user_vectors: Z^m per modality, [B, M, d] in prefix mode, [B, L, M, d] in all-positions mode.
     valid: [B, L] non-padding positions. score_offset: per-user constant of the literal Eq. 15 position
     term ([B] or [B, L]) or None. modality_weights [B, L, M] and expert_weights [B, L, M, K] are for
-    monitoring (None for models without them). mscl_loss / category_loss: scalars (zero when off).
-    mscl_views: the (Z_aug^{m1}, Z_aug^{m2}) pairs behind mscl_loss, for recomputing it with gathered negatives.
+    monitoring (None for models without them). category_loss: scalar (None when off).
+    mscl_views: the (Z_aug^{m1}, Z_aug^{m2}) pairs of MSCL (empty when off); the loss is computed from them, with
+    this batch's negatives (`loss`) or the global batch's (the trainer).
     """
 
     user_vectors: torch.Tensor
@@ -25,7 +27,6 @@ class ModelOutput:
     score_offset: torch.Tensor | None = None
     modality_weights: torch.Tensor | None = None
     expert_weights: torch.Tensor | None = None
-    mscl_loss: torch.Tensor | None = None
     category_loss: torch.Tensor | None = None
     mscl_views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -104,7 +105,8 @@ class SequentialRecommender(nn.Module):
                 sampled.negative_log_q,
                 None if sampled.target_log_q is None else sampled.target_log_q.reshape(-1))
         zero = recommendation.new_zeros(())
-        mscl = zero if output.mscl_loss is None else output.mscl_loss
+        mscl = sum((info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional, self.cfg.mscl_reduction)
+                    for z_i, z_j in output.mscl_views), zero)
         category = zero if output.category_loss is None else output.category_loss
         total = recommendation + self.cfg.mscl_weight * mscl
         if self.cfg.aux_category_loss_weight:

@@ -11,7 +11,7 @@ from .category_guidance import CategoryGuidance
 from .config import ModelConfig
 from .item_representation import ItemRepresentation
 from .layers import SequenceEncoder, causal_padding_mask, gather_positions, make_norm, init_weights_
-from .mscl import info_nce, modality_swap
+from .mscl import modality_swap
 
 
 class CAMMSR(SequentialRecommender):
@@ -70,14 +70,9 @@ class CAMMSR(SequentialRecommender):
             user = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, M, d]
         else:
             user = hidden
-        mscl_loss = None
-        if views:
-            mscl_loss = sum(info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional,
-                                     self.cfg.mscl_reduction) for z_i, z_j in views)
         return ModelOutput(
             user_vectors=user, valid=valid, score_offset=self._score_offset(user, seq_len),
-            modality_weights=weights, expert_weights=expert_weights, mscl_loss=mscl_loss,
-            category_loss=category_loss, mscl_views=views)
+            modality_weights=weights, expert_weights=expert_weights, category_loss=category_loss, mscl_views=views)
 
     def _scores(self, modality_index: int) -> bool:
         return not self.id_only or self.cfg.modalities[modality_index] == "id"

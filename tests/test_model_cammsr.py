@@ -150,7 +150,7 @@ def test_total_loss_is_recommendation_plus_lambda_mscl_plus_optional_category_te
     expected_mscl = sum(info_nce(a, b) for a, b in output.mscl_views)
     assert len(output.mscl_views) == 3 and terms.mscl.item() == pytest.approx(expected_mscl.item(), rel=1e-6)
     model.eval()
-    assert model(**catalogue.inputs(item_seq, seq_len)).mscl_loss is None
+    assert model(**catalogue.inputs(item_seq, seq_len)).mscl_views == []
 
 
 def test_each_encoder_reads_its_swap_views_in_the_main_pass_as_if_each_were_encoded_alone():
@@ -239,9 +239,9 @@ def test_id_only_scoring_keeps_the_id_pathway_and_silences_content_and_mscl():
     torch.testing.assert_close(alone[:, 0], full[:, 0])
     assert alone[:, 1:].abs().sum() == 0 and full[:, 1:].abs().sum() > 0
     model.train()
-    assert model(**inputs).mscl_loss is None
+    assert model(**inputs).mscl_views == []
     model.set_id_only(False)
-    assert model(**inputs).mscl_loss is not None
+    assert len(model(**inputs).mscl_views) == 3
     without_id, _ = make(modalities=("text", "image"), mscl_pairs=(("text", "image"),))
     with pytest.raises(ValueError, match="'id' modality"):
         without_id.set_id_only(True)
