@@ -164,7 +164,8 @@ def _train_cmd(dataset, run_dir, *extra, resume=False):
 def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path):
     full = tmp_path / "full"
     trained = _run(_train_cmd(dataset, full))
-    assert "epoch 0:" in trained.stderr and "step/s]" in trained.stderr, trained.stderr[-2000:]  # the progress bar
+    for bar in ("epoch 0:", "step/s]", "valid:", "test:"):  # the progress bars of training and evaluation
+        assert bar in trained.stderr, trained.stderr[-2000:]
     metrics = json.loads((full / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"ndcg@5", "ndcg@10", "mrr@5", "mrr@10", "recall@5", "recall@10"}
     assert "ndcg@10" in metrics["valid"] and (full / "config.yaml").is_file()

@@ -21,6 +21,7 @@ from cammsr.base import ModelOutput
 from cammsr.metrics import ranking_metric_sums, sums_to_means
 from train.data import Batch, LocalSequences, eval_batches
 from train.distributed import all_gather_objects, all_reduce_sum
+from train.monitor import progress_bar
 from train.step import model_inputs
 
 _SUBSET_STREAM = 0x6576616C  # the evaluation subset's generator, apart from every other draw of the run's seed
@@ -62,8 +63,9 @@ def _item_chunks(num_rows: int, chunk_size: int):
 @torch.no_grad()
 def evaluate(model, table, items, local: LocalSequences, split: str, max_len: int, batch_size: int,
              ks: tuple[int, ...], device: torch.device, dtype: torch.dtype, users: np.ndarray | None = None,
-             chunk_size: int = 65536) -> dict[str, float]:
-    """{"ndcg@5": ..., "mrr@10": ..., "recall@10": ..., "count": users} for `split` ("valid" | "test")."""
+             chunk_size: int = 65536, progress: bool = False) -> dict[str, float]:
+    """{"ndcg@5": ..., "mrr@10": ..., "recall@10": ..., "count": users} for `split` ("valid" | "test");
+    `progress` shows a bar over the user batches and catalogue chunks."""
     was_training = model.training
     model.eval()
     num_local = len(local) if users is None else len(users)
@@ -72,6 +74,8 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
         torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
     batches = list(eval_batches(local, split, max_len, batch_size, users))
     batches += [_dummy(max_len)] * (int(chunks) - len(batches))
+    spans = list(_item_chunks(table.num_rows, chunk_size))
+    bar = progress_bar(len(batches) + 2 * len(spans), split, "chunk", progress)
 
     # 1. user vectors [U, M * d] (fp32), targets [U] and score offsets of this rank's real users
     vectors, targets, offsets = [], [], []
@@ -83,12 +87,11 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
         targets.append(batch.targets[batch.real])
         offset = output.flat_score_offset()
         offsets.append(None if offset is None else offset[batch.real].float())
+        bar.update()
     user, target = torch.cat(vectors), torch.cat(targets)
     offset = None if offsets[0] is None else torch.cat(offsets)
 
     # 2. the catalogue, chunk by chunk: pass 0 reads the targets' scores, pass 1 counts higher-scoring items
-    num_rows = table.num_rows
-    spans = list(_item_chunks(num_rows, chunk_size))
     cached = None
     target_score = torch.zeros(user.shape[0], device=device)
     greater = torch.zeros(user.shape[0], dtype=torch.long, device=device)
@@ -114,6 +117,8 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
                         column = (target[part] - start).clamp(0, end - start - 1)
                         target_score[part] = torch.where(inside, scores.gather(1, column[:, None]).squeeze(1),
                                                          target_score[part])
+                bar.update()
+    bar.close()
     ranks = greater + 1
 
     top = max(ks)

@@ -9,14 +9,12 @@ import dataclasses
 import hashlib
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from cammsr.base import SampledCandidates
 from cammsr.factory import build_model
@@ -29,7 +27,7 @@ from train.embeddings import build_item_table, describe_plan
 from train.engine import build_engine, compute_dtype
 from train.evaluate import evaluate, evaluation_users
 from train.items import ensure_feature_stores, load_item_inputs
-from train.monitor import Monitor, write_metrics
+from train.monitor import Monitor, progress_bar, write_metrics
 from train.negatives import NegativeSampler, training_counts
 from train.step import model_inputs, training_loss
 
@@ -140,7 +138,11 @@ class Trainer:
         cfg = self.cfg
         return evaluate(self.model, self.table, self.items, self.local, split, cfg.model.max_seq_len,
                         cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype,
-                        users=self.eval_users, chunk_size=cfg.model.score_chunk_size)
+                        users=self.eval_users, chunk_size=cfg.model.score_chunk_size, progress=self._shows_progress)
+
+    @property
+    def _shows_progress(self) -> bool:
+        return self.env.is_main and self.cfg.logging.progress
 
     def _write_metrics(self) -> None:
         if not self.env.is_main:
@@ -216,7 +218,8 @@ class Trainer:
             window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
             signals: dict = {}
             epoch_loss, epoch_n = torch.zeros(4), 0
-            bar = self._progress_bar(epoch)
+            bar = progress_bar(self.plan.steps_per_epoch, f"epoch {epoch}", "step", self._shows_progress,
+                               initial=s["step_in_epoch"])
             for step, batch in self.plan.epoch_batches(epoch, s["step_in_epoch"]):
                 window["samples"] += int(batch.real.sum())  # CPU tensors: no device sync
                 window["tokens"] += int(batch.seq_len[batch.real].sum())
@@ -250,13 +253,6 @@ class Trainer:
         self._write_metrics()
         self.monitor.flush()
         return {"valid": s["best_valid"], "test": s["best_test"]}
-
-    def _progress_bar(self, epoch: int) -> tqdm:
-        """The epoch's steps with rate and ETA on the main rank's stderr (`logging.progress`); redrawn every
-        second on a terminal, every 30 s into a log file."""
-        return tqdm(total=self.plan.steps_per_epoch, initial=self.state["step_in_epoch"], desc=f"epoch {epoch}",
-                    unit="step", leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30,
-                    disable=not (self.env.is_main and self.cfg.logging.progress))
 
     def _log_window(self, window: dict) -> dict[str, str]:
         """Writes the window's losses and rates to TensorBoard; returns the two the progress bar shows."""

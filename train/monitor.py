@@ -1,4 +1,4 @@
-"""TensorBoard (rank 0) and metrics.json.
+"""TensorBoard (rank 0), metrics.json and the console progress bars.
 
 Tags: train/loss/{total,recommendation,mscl,category}, train/lr, perf/{samples_per_s,tokens_per_s,step_time_s},
 memory/{rss_mb,cuda_max_allocated_mb}, valid/<metric>, test/<metric>, cammsr/modality_weight/<modality>
@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import psutil
 import torch
+from tqdm import tqdm
 
 from train.checkpoint import atomic_write_text
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
+    """Rate and ETA on stderr, cleared when done; redrawn every second on a terminal, every 30 s into a log file."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                mininterval=1 if sys.stderr.isatty() else 30, disable=not enabled)
 
 
 class Monitor:
