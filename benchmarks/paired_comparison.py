@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from benchmarks.machine import describe_machine
 from benchmarks.per_user import ndcg_at_10_per_user, split_histories, user_vectors_after

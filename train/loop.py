@@ -215,7 +215,7 @@ class Trainer:
             epoch = s["epoch"]
             self._set_id_warmup(epoch)
             start = time.perf_counter()
-            window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
+            window = self._new_window()
             signals: dict = {}
             epoch_loss, epoch_n = torch.zeros(4), 0
             bar = progress_bar(self.plan.steps_per_epoch, f"epoch {epoch}", "step", self._shows_progress,
@@ -234,7 +234,7 @@ class Trainer:
                     epoch_loss += window["loss"].cpu()
                     epoch_n += window["n"]
                     bar.set_postfix(self._log_window(window), refresh=False)
-                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=env.device), "n": 0}
+                    window = self._new_window()
                 if every and s["global_step"] % every == 0 and step + 1 < self.plan.steps_per_epoch:
                     self._checkpoint(epoch, step + 1)
                 bar.update()
@@ -253,6 +253,11 @@ class Trainer:
         self._write_metrics()
         self.monitor.flush()
         return {"valid": s["best_valid"], "test": s["best_test"]}
+
+    def _new_window(self) -> dict:
+        """What is summed between two log lines: samples, tokens, the 4 loss terms (kept on the device), steps."""
+        return {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=self.env.device),
+                "n": 0}
 
     def _log_window(self, window: dict) -> dict[str, str]:
         """Writes the window's losses and rates to TensorBoard; returns the two the progress bar shows."""
