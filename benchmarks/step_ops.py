@@ -8,11 +8,17 @@ transpose..., counted apart) also launch at least one kernel on a GPU. A model a
 2 layers) does little arithmetic per op, so on a GPU its step time is about (ops per step) x (host cost per op)
 rather than FLOPs / peak: this count is what to cut (fusion, torch.compile, CUDA graphs) to make a GPU epoch
 shorter. The trainer's own step runs (same batches, model, DeepSpeed engine and ID table) on this machine.
+
+It also times the step unprofiled (wall milliseconds, the device synchronised only after the last step) and, on a
+GPU, sums the step's kernel time: a step whose kernels keep the GPU busy for a small part of its wall time is bound
+by the host, which is what the op count measures.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
+import time
 
 import torch
 from torch.autograd.profiler import record_function
@@ -98,16 +104,40 @@ def count_step_ops(trainer, steps: int, warmup: int) -> dict:
             "top_ops": dict(list(mean(names).items())[:8])}
 
 
+def time_steps(trainer, steps: int) -> dict:
+    """Mean wall ms per unprofiled training step and, on a GPU, mean kernel ms per step (from a profiled pass)."""
+    on_gpu = trainer.env.device.type == "cuda"
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    batches = itertools.chain.from_iterable(trainer.plan.epoch_batches(epoch, 0) for epoch in itertools.count())
+    trainer.train_step(next(batches)[1])
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(batches)[1])
+    synchronize()
+    timing = {"step_ms": (time.perf_counter() - start) * 1e3 / steps, "kernel_ms": None}
+    if on_gpu:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                trainer.train_step(next(batches)[1])
+            synchronize()
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        timing["kernel_ms"] = kernel_us / 1e3 / steps
+    return timing
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (mean reported)")
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first")
+    parser.add_argument("--timed-steps", type=int, default=20, help="unprofiled steps timed after the count")
     args = parse_with_overrides(parser, argv)
     machine = describe_machine()
     print(f"machine: {machine['cpu']}, gpu {machine['gpu']}, torch {machine['torch']}, {machine['date']}")
     with scratch_trainer(args) as trainer:
         result = count_step_ops(trainer, args.steps, args.warmup)
+        timing = time_steps(trainer, args.timed_steps)
     model = trainer.cfg.model
     total = sum(result["phases"].values())
     print(f"\n{model.name} (modalities {'+'.join(model.modalities) if model.name == 'cammsr' else 'id'}): "
@@ -120,6 +150,11 @@ def main(argv=None) -> None:
     for part, count in result["forward_parts"].items():
         print(f"    {part:<48} {count:8,.0f}")
     print("  most frequent: " + ", ".join(f"{k} {v:,.0f}" for k, v in result["top_ops"].items()))
+    line = f"step time: {timing['step_ms']:.1f} ms wall (mean of {args.timed_steps} unprofiled steps)"
+    if timing["kernel_ms"] is not None:
+        busy = timing["kernel_ms"] / timing["step_ms"]
+        line += f"; GPU kernels {timing['kernel_ms']:.1f} ms per step (busy {busy:.0%} of the wall time)"
+    print(line)
 
 if __name__ == "__main__":
     main()

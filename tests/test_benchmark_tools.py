@@ -1,5 +1,5 @@
 """The per-step and per-validation benchmark tools on a real (tiny) trainer: step_ops attributes every forward op
-once, per model part; eval_time validates every user."""
+once, per model part and times the step; eval_time validates every user."""
 import re
 import subprocess
 
@@ -19,8 +19,8 @@ def data(tmp_path_factory):
 
 def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(data):
     proc = subprocess.run([PY, "-m", "benchmarks.step_ops", "--data", str(data), "--config", "configs/tiny.yaml",
-                           "--steps", "2", "--warmup", "1", *TINY], cwd=ROOT, env=cpu_env(), capture_output=True,
-                          text=True, timeout=240)
+                           "--steps", "2", "--warmup", "1", "--timed-steps", "25", *TINY], cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     total = int(re.search(r"cammsr \(modalities id\+text\+image\): ([\d,]+) top-level", out).group(1).replace(",", ""))
@@ -36,6 +36,8 @@ def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(da
     # projections
     assert {"encoders.0", "encoders.1", "encoders.2", "moe", "category_guidance", "items"} <= set(parts)
     assert abs(sum(parts.values()) - phases["forward"]) <= len(parts)
+    step_ms = float(re.search(r"^step time: ([\d.]+) ms wall \(mean of 25 unprofiled steps\)$", out, re.M).group(1))
+    assert step_ms > 0  # 25 > the 20 steps of an epoch of this data: the timing runs on into the next epoch
 
 
 def test_eval_time_validates_every_user_once(data):
