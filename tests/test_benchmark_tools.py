@@ -1,5 +1,6 @@
 """The per-step and per-validation benchmark tools on a real (tiny) trainer: step_ops attributes every forward op
-once, per model part and times the step; eval_time validates every user."""
+once, per model part and times the step; eval_time validates every user; accuracy_table reads a run's metrics."""
+import json
 import re
 import subprocess
 
@@ -45,3 +46,29 @@ def test_eval_time_validates_every_user_once(data):
                            *TINY], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^cammsr: one validation of 81 users in [\d.]+ s \(ndcg@10 0\.\d{6}\)", proc.stdout, re.M), proc.stdout
+
+
+def test_accuracy_table_reads_a_real_run_in_the_chosen_metrics_with_its_curve(data, tmp_path):
+    run_dir = tmp_path / "run"
+    trained = subprocess.run([PY, "-m", "launch.cli", "train", "--data", str(data), "--config", "configs/tiny.yaml",
+                              "--run-dir", str(run_dir), *TINY, "train.max_epochs=2", "checkpoint.enabled=false"],
+                             cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    proc = subprocess.run([PY, "-m", "benchmarks.accuracy_table", "--paper", "beauty", "--metrics",
+                           "ndcg@10,recall@10", "--curves", f"tiny CAMMSR={run_dir}"], cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    lines = proc.stdout.splitlines()
+    assert "| model | NDCG@10 | Recall@10 | selection |" in lines
+    assert "| CAMMSR (paper, Table III) | 0.0517 | - | as recorded |" in lines  # the paper has no Recall@10 here
+    test = metrics["test"]
+    row = next(line for line in lines if line.startswith("| tiny CAMMSR |"))
+    assert row.startswith(f"| tiny CAMMSR | {test['ndcg@10']:.4f} | {test['recall@10']:.4f} | ")
+    assert f"best epoch {metrics['best_epoch']}; epoch cap reached" in row
+    curve = [f"{record['valid']['ndcg@10']:.4f}" for record in metrics["history"]]
+    assert len(curve) == 2 and f"- tiny CAMMSR: {' '.join(curve)}" in lines
+
+    unknown = subprocess.run([PY, "-m", "benchmarks.accuracy_table", "--metrics", "ndcg@11", f"x={run_dir}"],
+                             cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "no test ndcg@11" in unknown.stderr
