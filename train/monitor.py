@@ -22,8 +22,10 @@ from train.checkpoint import atomic_write_text
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
     """Rate and ETA on stderr, cleared when done; redrawn every second on a terminal, every 30 s into a log file."""
+    interval = 1 if sys.stderr.isatty() else 30
+    # tqdm's monitor thread redraws a bar idle for maxinterval (10 s by default), which overrides a longer mininterval
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                mininterval=1 if sys.stderr.isatty() else 30, disable=not enabled)
+                mininterval=interval, maxinterval=max(interval, 10), disable=not enabled)
 
 
 class Monitor:
