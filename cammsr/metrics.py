@@ -26,10 +26,6 @@ def ranking_metric_sums(ranks: torch.Tensor, ks: tuple[int, ...] = (5, 10),
     return sums
 
 
-def accumulate(total: dict[str, torch.Tensor] | None, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return dict(sums) if total is None else {name: total[name] + value for name, value in sums.items()}
-
-
 def sums_to_means(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """Divide every metric sum by the count (after any cross-rank all-reduce of the sums)."""
     count = float(sums["count"])

@@ -151,7 +151,6 @@ class Config:
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "embedding": EmbeddingConfig,
                   "eval": EvalConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
                   "distributed": DistributedConfig}

@@ -143,14 +143,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_objects(obj) -> list:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

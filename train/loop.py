@@ -131,7 +131,6 @@ class Trainer:
         state = dict(self.state, config=self.cfg.to_dict(), config_fingerprint=self.config_fp,
                      data_fingerprint=self.data_fp, world_size=self.env.world_size)
         self.checkpointer.save(tag, self.table, self.engine, state, self.state.get("best_tag"))
-        self._last_tag = tag
 
     def evaluate_split(self, split: str) -> dict:
         """Metrics of this rank's part of `split` ("valid" | "test"), all-reduced: the same on every rank."""
