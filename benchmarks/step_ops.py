@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.machine import describe_machine
 from benchmarks.scratch_trainer import add_config_arguments, scratch_trainer
 from launch.arguments import parse_with_overrides
+from train.engine import backward_pass
 
 PART_PREFIX = "part:"
 # ops that only make a new view of a tensor's memory (no kernel; reshape copies only when it must)
@@ -88,7 +89,7 @@ def count_step_ops(trainer, steps: int, warmup: int) -> dict:
         with profile(activities=[ProfilerActivity.CPU]) as forward:
             terms, _ = trainer.losses(batch)
         with profile(activities=[ProfilerActivity.CPU]) as backward:
-            trainer.engine.backward(terms.total)
+            backward_pass(trainer.engine, terms.total)
         with profile(activities=[ProfilerActivity.CPU]) as optimizer:
             trainer.engine.step()
             trainer.table.step()

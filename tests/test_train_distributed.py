@@ -152,6 +152,36 @@ def test_all_positions_mode_two_processes_equal_one(dataset, tmp_path):
     assert compare(dumps[1], dumps[2], 1e-5) == []
 
 
+# One ID warm-up step (the content pathways get no gradient) then one step of the whole model, through DeepSpeed's
+# own gradient all-reduce (forced on) and through the single-process skip: the largest dense-parameter difference.
+_SKIP_EQUALS_ALLREDUCE = """
+import sys
+from pathlib import Path
+from train.config import load_config
+from train.loop import Trainer
+cfg = load_config(None, ["data.path=" + sys.argv[1], "logging.tensorboard=false", "checkpoint.enabled=false",
+                         "train.zero_stage=0", "train.id_warmup_epochs=1", *sys.argv[3:]])
+dense = {}
+for allreduce in (True, False):
+    trainer = Trainer(cfg, Path(sys.argv[2]) / str(allreduce))
+    assert trainer.env.world_size == 1 and not trainer.engine.enable_backward_allreduce
+    trainer.engine.enable_backward_allreduce = allreduce
+    for epoch in (0, 1):
+        trainer.set_id_warmup(epoch)
+        trainer.train_step(next(trainer.plan.epoch_batches(epoch))[1])
+    dense[allreduce] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    trainer.release()
+print("RESULT", max((dense[True][n] - dense[False][n]).abs().max().item() for n in dense[True]))
+"""
+
+
+def test_one_process_skipping_the_gradient_all_reduce_trains_as_deepspeed_does(dataset, tmp_path):
+    """Bit-identical dense weights after an ID warm-up step and a full step: the content parameters that got no
+    gradient in warm-up are stepped with zeros as DeepSpeed's all-reduce path does (Adam's step count included)."""
+    proc = _run([PY, "-c", _SKIP_EQUALS_ALLREDUCE, str(dataset), str(tmp_path), *TINY, "train.batch_size=16"])
+    assert float(proc.stdout.split("RESULT ", 1)[1].split()[0]) == 0.0
+
+
 TRAIN = ["model.hidden_size=8", "model.max_seq_len=6", "model.num_layers=1", "model.num_heads=1",
          "model.num_experts=2", "model.ffn_inner_size=16", "train.batch_size=128", "train.precision=fp32",
          "logging.every_steps=2", "max_epochs=4", "eval.patience=0"]

@@ -100,10 +100,20 @@ def build_engine(model: nn.Module, train: TrainConfig, world_size: int, total_st
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), dist_init_required=False)
     if world_size == 1 and train.zero_stage == 0:
         # One process has nothing to average. The engine would still flatten every gradient, all-reduce it alone and
-        # copy it back each step (~120 dispatches, half of them GPU kernels); ZeRO >= 1 keeps that path, its optimizer
-        # fills its own buffers there.
+        # copy it back each step (~60 kernel ops); ZeRO >= 1 keeps that path, its optimizer fills its own buffers there.
         engine.enable_backward_allreduce = False
     return engine, scheduler
+
+
+def backward_pass(engine, loss: torch.Tensor) -> None:
+    """engine.backward(loss). Where a single ZeRO-0 process skips the gradient all-reduce (build_engine), also what
+    that all-reduce does first: a zero gradient for each trainable parameter that got none (the ID warm-up leaves the
+    content pathways without one), so that Adam steps them, and counts the step, as a multi-process run does."""
+    engine.backward(loss)
+    if not engine.enable_backward_allreduce:
+        for param in engine.module.parameters():
+            if param.requires_grad and param.grad is None and param.numel():
+                param.grad = torch.zeros_like(param)
 
 
 def compute_dtype(train: TrainConfig) -> torch.dtype:

@@ -24,7 +24,7 @@ from train.config import Config, ConfigError, in_id_warmup
 from train.data import LocalSequences, TrainPlan
 from train.distributed import DistEnv, init_distributed, shutdown
 from train.embeddings import build_item_table, describe_plan
-from train.engine import build_engine, compute_dtype
+from train.engine import backward_pass, build_engine, compute_dtype
 from train.evaluate import evaluate, evaluation_users
 from train.items import ensure_feature_stores, load_item_inputs
 from train.monitor import Monitor, progress_bar, write_metrics
@@ -188,7 +188,7 @@ class Trainer:
         return training_loss(self.model, output, None, batch, self.cfg.train.mscl_negatives, sampled), output
 
     def _apply(self, terms, output, batch) -> tuple:
-        self.engine.backward(terms.total)
+        backward_pass(self.engine, terms.total)
         self.engine.step()
         self.table.step()
         return terms, output, batch
@@ -212,7 +212,7 @@ class Trainer:
         self.engine.train()
         while s["epoch"] < cfg.train.max_epochs and not s["stopped_early"]:
             epoch = s["epoch"]
-            self._set_id_warmup(epoch)
+            self.set_id_warmup(epoch)
             start = time.perf_counter()
             window = self._new_window()
             signals: dict = {}
@@ -298,7 +298,8 @@ class Trainer:
                                     self.category_names, self.cfg.logging.max_category_scalars,
                                     self.state["global_step"])
 
-    def _set_id_warmup(self, epoch: int) -> None:
+    def set_id_warmup(self, epoch: int) -> None:
+        """The model's mode for `epoch`: the ID modality alone during train.id_warmup_epochs (CAMMSR), else all."""
         if self.cfg.model.name != "cammsr" or not self.cfg.train.id_warmup_epochs:
             return
         warmup = in_id_warmup(self.cfg, epoch)
