@@ -175,10 +175,13 @@ print("RESULT", max((dense[True][n] - dense[False][n]).abs().max().item() for n 
 """
 
 
-def test_one_process_skipping_the_gradient_all_reduce_trains_as_deepspeed_does(dataset, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_process_skipping_the_gradient_all_reduce_trains_as_deepspeed_does(dataset, tmp_path, precision):
     """Bit-identical dense weights after an ID warm-up step and a full step: the content parameters that got no
-    gradient in warm-up are stepped with zeros as DeepSpeed's all-reduce path does (Adam's step count included)."""
-    proc = _run([PY, "-c", _SKIP_EQUALS_ALLREDUCE, str(dataset), str(tmp_path), *TINY, "train.batch_size=16"])
+    gradient in warm-up are stepped with zeros as DeepSpeed's all-reduce path does (Adam's step count included);
+    bf16 goes through DeepSpeed's bf16 optimizer wrapper."""
+    proc = _run([PY, "-c", _SKIP_EQUALS_ALLREDUCE, str(dataset), str(tmp_path), *TINY, "train.batch_size=16",
+                 f"train.precision={precision}"])
     assert float(proc.stdout.split("RESULT ", 1)[1].split()[0]) == 0.0
 
 
