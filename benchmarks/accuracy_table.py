@@ -44,8 +44,7 @@ def paper_row(name: str, values: tuple, metrics: list[str]) -> str:
     return _row(name, [recorded.get(m, "-") for m in metrics], "as recorded")
 
 
-def run_row(name: str, run_dir: Path, metric_names: list[str]) -> str:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def run_row(name: str, run_dir: Path, metrics: dict, metric_names: list[str]) -> str:
     if metrics.get("test") is None:
         raise SystemExit(f"{run_dir}/metrics.json has no test metrics yet (no validation round finished)")
     test, valid = metrics["test"], metrics["valid"]
@@ -63,9 +62,8 @@ def run_row(name: str, run_dir: Path, metric_names: list[str]) -> str:
     return _row(name, [test[m] for m in metric_names], note)
 
 
-def validation_curve(name: str, run_dir: Path) -> str:
-    history = json.loads((run_dir / "metrics.json").read_text())["history"]
-    return f"- {name}: " + " ".join(f"{record['valid']['ndcg@10']:.4f}" for record in history)
+def validation_curve(name: str, metrics: dict) -> str:
+    return f"- {name}: " + " ".join(f"{record['valid']['ndcg@10']:.4f}" for record in metrics["history"])
 
 
 def main() -> None:
@@ -82,19 +80,20 @@ def main() -> None:
         name, sep, path = spec.partition("=")
         if not sep:
             raise SystemExit(f"run {spec!r}: expected NAME=RUN_DIR")
-        runs.append((name, Path(path)))
+        # read once: a run still training rewrites its metrics.json, and the row and the curve must agree
+        runs.append((name, Path(path), json.loads((Path(path) / "metrics.json").read_text())))
     print(f"machine: {describe_machine()}")
     print("| model | " + " | ".join(m.replace("ndcg", "NDCG").replace("mrr", "MRR").replace("recall", "Recall")
                                     for m in metrics) + " | selection |")
     print("|---" * (len(metrics) + 2) + "|")
     for name, values in PAPER.get(args.paper, {}).items():
         print(paper_row(name, values, metrics))
-    for name, run_dir in runs:
-        print(run_row(name, run_dir, metrics))
+    for name, run_dir, run_metrics in runs:
+        print(run_row(name, run_dir, run_metrics, metrics))
     if args.curves:
         print("\nValidation NDCG@10 by epoch (0-based):")
-        for name, run_dir in runs:
-            print(validation_curve(name, run_dir))
+        for name, _, run_metrics in runs:
+            print(validation_curve(name, run_metrics))
 
 
 if __name__ == "__main__":
