@@ -106,7 +106,7 @@ class SequentialRecommender(nn.Module):
                 None if sampled.target_log_q is None else sampled.target_log_q.reshape(-1))
         zero = recommendation.new_zeros(())
         mscl = sum((info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional, self.cfg.mscl_reduction)
-                    for z_i, z_j in output.mscl_views), zero)
+                    for z_i, z_j in output.mscl_views), zero) * self.cfg.mscl_pair_share
         category = zero if output.category_loss is None else output.category_loss
         total = recommendation + self.cfg.mscl_weight * mscl
         if self.cfg.aux_category_loss_weight:

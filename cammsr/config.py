@@ -20,6 +20,7 @@ _CHOICES = {
     "category_bce_reduction": ("sum", "mean"),
     "category_pooling": ("max", "mean", "min"),
     "mscl_reduction": ("mean", "sum"),
+    "mscl_pair_reduction": ("sum", "mean"),
     "loss_type": ("full_softmax", "sampled_softmax"),
     "init_method": ("xavier_normal", "xavier_uniform", "normal"),
     "feature_normalization": ("none", "standardize"),
@@ -121,6 +122,9 @@ class ModelConfig:
     mscl_temperature: float = 1.0  # none written: tau = 1
     mscl_bidirectional: bool = False  # Eq. 18 is one-directional (m1 -> m2)
     mscl_reduction: str = "mean"  # Eq. 18 sums over the batch ("sum"); "mean" matches the per-sample CE scale
+    # Eq. 20 weighs one L_MSCL by lambda, Table IV trains with one to three pairs: literal, the pairs' InfoNCE
+    # summed ("sum", three pairs pull three times as hard as one); "mean" averages them.
+    mscl_pair_reduction: str = "sum"
 
     # Recommendation loss (Eq. 19): full softmax over all items, or sampled softmax with shared negatives
     # and logQ correction for huge catalogues (negatives are drawn by the trainer).
@@ -137,6 +141,13 @@ class ModelConfig:
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
+
+    @property
+    def mscl_pair_share(self) -> float:
+        """Each pair's share of L_MSCL (Eq. 20): 1 when the pairs' losses are summed, 1/#pairs when averaged."""
+        if self.mscl_pair_reduction == "mean" and self.mscl_pairs:
+            return 1.0 / len(self.mscl_pairs)
+        return 1.0
 
     def validate(self) -> None:
         for name, allowed in _CHOICES.items():

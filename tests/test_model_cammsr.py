@@ -11,6 +11,8 @@ from cammsr import (ABLATIONS, ModelConfig, SampledCandidates, build_model, flop
 from cammsr.camoe import AttentiveRouter
 from cammsr.layers import init_weights_
 from cammsr.mscl import info_nce
+from train.data import Batch
+from train.step import training_loss
 
 NUM_ITEMS, NUM_CATEGORIES, TEXT_DIM, IMAGE_DIM = 30, 6, 10, 8
 SMALL = dict(hidden_size=16, max_seq_len=8, num_heads=2, ffn_inner_size=32, num_experts=3)
@@ -151,6 +153,24 @@ def test_total_loss_is_recommendation_plus_lambda_mscl_plus_optional_category_te
     assert len(output.mscl_views) == 3 and terms.mscl.item() == pytest.approx(expected_mscl.item(), rel=1e-6)
     model.eval()
     assert model(**catalogue.inputs(item_seq, seq_len)).mscl_views == []
+
+
+@pytest.mark.parametrize("negatives", ["global", "local"])
+@pytest.mark.parametrize("pair_reduction, share", [("sum", 1.0), ("mean", 1 / 3)])
+def test_the_model_and_the_trainer_sum_or_average_the_mscl_pairs_alike(pair_reduction, share, negatives):
+    model, catalogue = make(mscl_weight=0.5, mscl_pair_reduction=pair_reduction)
+    item_seq, seq_len = random_sequences(4, 8)
+    targets = torch.randint(1, NUM_ITEMS + 1, (4,))
+    output = model(**catalogue.inputs(item_seq, seq_len))
+    candidates = catalogue.candidates(model)
+    terms = model.loss(output, targets, candidates=candidates)
+    pair_losses = [info_nce(a, b).item() for a, b in output.mscl_views]
+    assert len(pair_losses) == 3 and terms.mscl.item() == pytest.approx(share * sum(pair_losses), rel=1e-6)
+    assert terms.total.item() == pytest.approx(terms.recommendation.item() + 0.5 * terms.mscl.item(), rel=1e-6)
+    trainer = training_loss(model, output, candidates, Batch(item_seq, seq_len, targets, torch.ones(4, dtype=bool)),
+                            negatives)
+    assert trainer.mscl.item() == pytest.approx(terms.mscl.item(), rel=1e-6)
+    assert trainer.total.item() == pytest.approx(terms.total.item(), rel=1e-6)
 
 
 def test_each_encoder_reads_its_swap_views_in_the_main_pass_as_if_each_were_encoded_alone():

@@ -80,6 +80,7 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
     total = recommendation * share
     mscl = zero
     if output.mscl_views:
+        pair_weight = cfg.mscl_weight * cfg.mscl_pair_share  # lambda on each pair's InfoNCE
         real = batch.real
         real_local = real.sum()
         for view_a, view_b in output.mscl_views:
@@ -90,14 +91,15 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
                 term = info_nce(gather_rows(view_a)[mask], gather_rows(view_b)[mask], cfg.mscl_temperature,
                                 cfg.mscl_bidirectional, cfg.mscl_reduction)
                 mscl = mscl + term
-                total = total + cfg.mscl_weight * term
+                total = total + pair_weight * term
             else:
                 term = info_nce(view_a[real], view_b[real], cfg.mscl_temperature, cfg.mscl_bidirectional,
                                 cfg.mscl_reduction)
                 scale = (real_local.float() * world / global_count(real_local)
                          if cfg.mscl_reduction == "mean" else float(world))
                 mscl = mscl + term * scale
-                total = total + cfg.mscl_weight * term * scale
+                total = total + pair_weight * term * scale
+        mscl = mscl * cfg.mscl_pair_share  # L_MSCL as lambda weighs it: the pairs' sum or mean
     category = zero if output.category_loss is None else output.category_loss
     if cfg.aux_category_loss_weight:
         total = total + cfg.aux_category_loss_weight * category * share
