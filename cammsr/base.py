@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .mscl import info_nce
+from .mscl import pair_loss
 from .scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy, target_ranks, top_k_items
 
 
@@ -18,8 +18,9 @@ class ModelOutput:
     valid: [B, L] non-padding positions. score_offset: per-user constant of the literal Eq. 15 position
     term ([B] or [B, L]) or None. modality_weights [B, L, M] and expert_weights [B, L, M, K] are for
     monitoring (None for models without them). category_loss: scalar (None when off).
-    mscl_views: the (Z_aug^{m1}, Z_aug^{m2}) pairs of MSCL (empty when off); the loss is computed from them, with
-    this batch's negatives (`loss`) or the global batch's (the trainer).
+    mscl_views: the (Z_aug^{m1}, Z_aug^{m2}) pairs of MSCL (empty when off), [B, d] at each row's last position or
+    [B, L, d] at every position (`mscl_anchors`); the loss is computed from them, with this batch's negatives
+    (`loss`) or the global batch's (the trainer).
     """
 
     user_vectors: torch.Tensor
@@ -105,8 +106,9 @@ class SequentialRecommender(nn.Module):
                 sampled.negative_log_q,
                 None if sampled.target_log_q is None else sampled.target_log_q.reshape(-1))
         zero = recommendation.new_zeros(())
-        mscl = sum((info_nce(z_i, z_j, self.cfg.mscl_temperature, self.cfg.mscl_bidirectional, self.cfg.mscl_reduction)
-                    for z_i, z_j in output.mscl_views), zero) * self.cfg.mscl_pair_share
+        real = torch.ones(output.valid.shape[0], dtype=torch.bool, device=output.valid.device)
+        mscl = sum((pair_loss(z_i, z_j, real, output.valid, self.cfg) for z_i, z_j in output.mscl_views),
+                   zero) * self.cfg.mscl_pair_share
         category = zero if output.category_loss is None else output.category_loss
         total = recommendation + self.cfg.mscl_weight * mscl
         if self.cfg.aux_category_loss_weight:

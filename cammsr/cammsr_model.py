@@ -85,7 +85,8 @@ class CAMMSR(SequentialRecommender):
         views it encodes (Eq. 16-17): one pass per encoder, the views stacked under the batch, since a step of a
         model this small costs its number of dispatched ops, not its arithmetic.
 
-        Returns hidden [B, L, M, d] and the (Z_aug^{m1}, Z_aug^{m2}) pair of each MSCL pair (Eq. 18's inputs).
+        Returns hidden [B, L, M, d] and the (Z_aug^{m1}, Z_aug^{m2}) pair of each MSCL pair (Eq. 18's inputs) at its
+        anchors.
         """
         inputs = [[fused[:, :, m]] for m in range(len(self.encoders))]
         slots = []  # per pair: (encoder, index in its inputs) of each view
@@ -106,9 +107,13 @@ class CAMMSR(SequentialRecommender):
             mask = attention_mask.repeat(len(inputs[m]), 1, 1, 1) if len(inputs[m]) > 1 else attention_mask
             outputs.append(encoder(stacked, mask).split(batch))
         hidden = torch.stack([out[0] for out in outputs], dim=2)
-        views = [(gather_positions(outputs[i][a], last), gather_positions(outputs[j][b], last))
+        views = [(self._anchor_view(outputs[i][a], last), self._anchor_view(outputs[j][b], last))
                  for (i, a), (j, b) in slots]
         return hidden, views
+
+    def _anchor_view(self, view: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """An encoded swap view [B, L, d] at its MSCL anchors: every position, or each row's last as [B, d]."""
+        return view if self.cfg.mscl_anchors == "every_prefix" else gather_positions(view, last)
 
     def _score_offset(self, user: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor | None:
         """Literal Eq. 15: sum_m Z^m . p at the position the target would take (clamped to the table)."""

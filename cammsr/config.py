@@ -21,6 +21,7 @@ _CHOICES = {
     "category_pooling": ("max", "mean", "min"),
     "mscl_reduction": ("mean", "sum"),
     "mscl_pair_reduction": ("sum", "mean"),
+    "mscl_anchors": ("last", "every_prefix"),
     "loss_type": ("full_softmax", "sampled_softmax"),
     "init_method": ("xavier_normal", "xavier_uniform", "normal"),
     "feature_normalization": ("none", "standardize"),
@@ -125,6 +126,11 @@ class ModelConfig:
     # Eq. 20 weighs one L_MSCL by lambda, Table IV trains with one to three pairs: literal, the pairs' InfoNCE
     # summed ("sum", three pairs pull three times as hard as one); "mean" averages them.
     mscl_pair_reduction: str = "sum"
+    # The paper's batch is 1024 prefixes, each an InfoNCE anchor. all_positions packs a user's prefixes into
+    # windows: "last" contrasts each window's last position only (one anchor per window: ~20 per step of 1024
+    # targets when windows are long); "every_prefix" every position, a window's other prefixes left out of its
+    # negatives. Prefix mode has one prefix per row: "last" is the paper's batch there.
+    mscl_anchors: str = "last"
 
     # Recommendation loss (Eq. 19): full softmax over all items, or sampled softmax with shared negatives
     # and logQ correction for huge catalogues (negatives are drawn by the trainer).
@@ -185,6 +191,8 @@ class ModelConfig:
         if self.sequence_mode == "all_positions" and self.router == "attentive" and not self.router_causal:
             _fail("router_causal", self.router_causal,
                   "sequence_mode='all_positions' with router='attentive' leaks the future unless router_causal")
+        if self.mscl_anchors == "every_prefix" and self.sequence_mode != "all_positions":
+            _fail("mscl_anchors", self.mscl_anchors, "'every_prefix' needs sequence_mode='all_positions'")
         if self.category_levels is not None and (not self.category_levels or min(self.category_levels) < 0):
             _fail("category_levels", self.category_levels, "must be non-empty with levels >= 0")
 

@@ -173,6 +173,30 @@ def test_the_model_and_the_trainer_sum_or_average_the_mscl_pairs_alike(pair_redu
     assert trainer.total.item() == pytest.approx(terms.total.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("negatives", ["global", "local"])
+def test_every_prefix_anchors_contrast_each_valid_position_with_the_other_windows(negatives):
+    model, catalogue = make(sequence_mode="all_positions", router_causal=True, mscl_anchors="every_prefix")
+    item_seq, seq_len = random_sequences(4, 8, [8, 3, 5, 1])
+    targets = torch.cat([item_seq[:, 1:], torch.zeros(4, 1, dtype=torch.long)], dim=1)
+    output = model(**catalogue.inputs(item_seq, seq_len))
+    valid = item_seq > 0
+    rows = torch.arange(4)[:, None].expand(4, 8)[valid]
+    assert [tuple(view.shape) for pair in output.mscl_views for view in pair] == [(4, 8, 16)] * 6
+    expected = sum(info_nce(a[valid], b[valid], groups=rows) for a, b in output.mscl_views)
+    candidates = catalogue.candidates(model)
+    terms = model.loss(output, targets, candidates=candidates)
+    assert terms.mscl.item() == pytest.approx(expected.item(), rel=1e-6)
+    # padding rows of a batch (real False) are no anchors: the trainer's loss on a padded batch is the same
+    padded = torch.tensor([True, True, True, False])
+    trainer = training_loss(model, output, candidates, Batch(item_seq, seq_len, targets, padded), negatives)
+    kept = (valid & padded[:, None])
+    without_last_row = sum(info_nce(a[kept], b[kept], groups=torch.arange(4)[:, None].expand(4, 8)[kept])
+                           for a, b in output.mscl_views)
+    assert trainer.mscl.item() == pytest.approx(without_last_row.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="mscl_anchors"):
+        ModelConfig(mscl_anchors="every_prefix")
+
+
 def test_each_encoder_reads_its_swap_views_in_the_main_pass_as_if_each_were_encoded_alone():
     model, catalogue = make(hidden_dropout=0.0, attn_dropout=0.0)
     item_seq, seq_len = random_sequences(4, 8, [8, 3, 5, 1])
@@ -276,6 +300,8 @@ GRADIENT_CASES = {
                                                                    dyt_affine=True),
     "all positions, bidirectional MSCL": dict(sequence_mode="all_positions", router_causal=True,
                                               mscl_bidirectional=True, category_weight_sign="negative"),
+    "all positions, every prefix an MSCL anchor": dict(sequence_mode="all_positions", router_causal=True,
+                                                       mscl_anchors="every_prefix"),
     "sasrec": dict(name="sasrec"),
 }
 

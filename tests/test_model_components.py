@@ -220,6 +220,10 @@ def test_info_nce_against_hand_computation():
     transposed = [[cos[j][i] for j in range(3)] for i in range(3)]
     both = (sum(direction(cos, 0.5)) + sum(direction(transposed, 0.5))) / 6
     assert info_nce(a, b, temperature=0.5, bidirectional=True).item() == pytest.approx(both, rel=1e-6)
+    # rows 0 and 1 in one group: each keeps its own positive, loses the other as a negative
+    grouped = [-math.log(math.exp(cos[i][i]) / sum(math.exp(cos[i][j]) for j in range(3) if {i, j} != {0, 1}))
+               for i in range(3)]
+    assert info_nce(a, b, groups=torch.tensor([7, 7, 3])).item() == pytest.approx(sum(grouped) / 3, rel=1e-6)
 
 
 # ---------------------------------------------------------------- scoring (Eq. 15, 19)

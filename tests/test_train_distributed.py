@@ -139,16 +139,18 @@ def test_torch_backend_matches_torchrec(dataset, reference, tmp_path):
     assert compare({1: reference[1]}, torch.load(out, weights_only=False), 1e-5) == []
 
 
-def test_all_positions_mode_two_processes_equal_one(dataset, tmp_path):
+@pytest.mark.parametrize("anchors, stages", [("last", "0,1"), ("every_prefix", "1")])
+def test_all_positions_mode_two_processes_equal_one(dataset, tmp_path, anchors, stages):
     """The all-positions (causal) training mode in batches of targets: same global-batch equivalence, causal
-    router; at ZeRO 0 (one process skips the engine's gradient all-reduce, two run it) and 1."""
+    router; at ZeRO 0 (one process skips the engine's gradient all-reduce, two run it) and 1; MSCL anchors at each
+    window's end or at every prefix, with negatives from the global batch either way."""
     mode = [*TINY, "train.batch_size=48", "train.batch_unit=targets", "model.sequence_mode=all_positions",
-            "model.router_causal=true"]
+            "model.router_causal=true", f"model.mscl_anchors={anchors}"]
     dumps = {}
     for nproc in (1, 2):
         out = tmp_path / f"ap{nproc}.pt"
         _run([str(ROOT / "launch" / "single_node.sh"), "--nproc", str(nproc), "--python", PY, "--module",
-              "train.parity", "--", "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", "0,1",
+              "train.parity", "--", "--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", stages,
               *mode])
         dumps[nproc] = torch.load(out, weights_only=False)
     assert compare(dumps[1], dumps[2], 1e-5) == []

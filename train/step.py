@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cammsr.base import LossTerms, SampledCandidates
-from cammsr.mscl import info_nce
+from cammsr.mscl import pair_loss
 from cammsr.scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy
 
 
@@ -50,6 +50,12 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
+def _full_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, W, ...] zero-padded to [B, length, ...]: a batch is as wide as its longest window, which differs
+    between ranks, and all_gather needs one shape."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, length - x.shape[1]))
+
+
 def global_count(local: torch.Tensor) -> torch.Tensor:
     total = local.detach().clone().float()
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -81,24 +87,26 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
     mscl = zero
     if output.mscl_views:
         pair_weight = cfg.mscl_weight * cfg.mscl_pair_share  # lambda on each pair's InfoNCE
-        real = batch.real
-        real_local = real.sum()
+        real, valid = batch.real, output.valid
+        every_prefix = output.mscl_views[0][0].dim() == 3
+        if mscl_negatives == "global":
+            # every rank computes the same global InfoNCE; the gather's backward sums the copies (x world)
+            # and the engines' averaging divides by world: exactly the single-process gradient.
+            real = gather_rows(real[:, None].float()).squeeze(1) > 0
+            valid = gather_rows(_full_length(valid.float(), cfg.max_seq_len)) > 0 if every_prefix else None
+        else:
+            anchors = (valid & real[:, None]).sum() if every_prefix else real.sum()
+            scale = (anchors.float() * world / global_count(anchors) if cfg.mscl_reduction == "mean"
+                     else float(world))
         for view_a, view_b in output.mscl_views:
             if mscl_negatives == "global":
-                # every rank computes the same global InfoNCE; the gather's backward sums the copies (x world)
-                # and the engines' averaging divides by world: exactly the single-process gradient.
-                mask = gather_rows(real[:, None].float()).squeeze(1) > 0
-                term = info_nce(gather_rows(view_a)[mask], gather_rows(view_b)[mask], cfg.mscl_temperature,
-                                cfg.mscl_bidirectional, cfg.mscl_reduction)
-                mscl = mscl + term
-                total = total + pair_weight * term
+                if every_prefix:
+                    view_a, view_b = (_full_length(view, cfg.max_seq_len) for view in (view_a, view_b))
+                term = pair_loss(gather_rows(view_a), gather_rows(view_b), real, valid, cfg)
             else:
-                term = info_nce(view_a[real], view_b[real], cfg.mscl_temperature, cfg.mscl_bidirectional,
-                                cfg.mscl_reduction)
-                scale = (real_local.float() * world / global_count(real_local)
-                         if cfg.mscl_reduction == "mean" else float(world))
-                mscl = mscl + term * scale
-                total = total + pair_weight * term * scale
+                term = pair_loss(view_a, view_b, real, valid, cfg) * scale
+            mscl = mscl + term
+            total = total + pair_weight * term
         mscl = mscl * cfg.mscl_pair_share  # L_MSCL as lambda weighs it: the pairs' sum or mean
     category = zero if output.category_loss is None else output.category_loss
     if cfg.aux_category_loss_weight:
