@@ -44,16 +44,14 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
 
 
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+def gather_rows(tensor: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Every rank's rows, in rank order. `width`: first zero-pad dim 1 of a [B, W, ...] tensor to it, since a
+    batch is as wide as its longest window, which differs between ranks, and all_gather needs one shape."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
+    if width is not None:
+        tensor = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, width - tensor.shape[1]))
     return _GatherWithGrad.apply(tensor)
-
-
-def _full_length(x: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, W, ...] zero-padded to [B, length, ...]: a batch is as wide as its longest window, which differs
-    between ranks, and all_gather needs one shape."""
-    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, length - x.shape[1]))
 
 
 def global_count(local: torch.Tensor) -> torch.Tensor:
@@ -88,21 +86,20 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
     if output.mscl_views:
         pair_weight = cfg.mscl_weight * cfg.mscl_pair_share  # lambda on each pair's InfoNCE
         real, valid = batch.real, output.valid
-        every_prefix = output.mscl_views[0][0].dim() == 3
+        every_prefix = cfg.mscl_anchors == "every_prefix"  # views [B, W, d] instead of [B, d]
+        width = cfg.max_seq_len if every_prefix else None
         if mscl_negatives == "global":
             # every rank computes the same global InfoNCE; the gather's backward sums the copies (x world)
             # and the engines' averaging divides by world: exactly the single-process gradient.
             real = gather_rows(real[:, None].float()).squeeze(1) > 0
-            valid = gather_rows(_full_length(valid.float(), cfg.max_seq_len)) > 0 if every_prefix else None
+            valid = gather_rows(valid.float(), width) > 0 if every_prefix else None
         else:
             anchors = (valid & real[:, None]).sum() if every_prefix else real.sum()
             scale = (anchors.float() * world / global_count(anchors) if cfg.mscl_reduction == "mean"
                      else float(world))
         for view_a, view_b in output.mscl_views:
             if mscl_negatives == "global":
-                if every_prefix:
-                    view_a, view_b = (_full_length(view, cfg.max_seq_len) for view in (view_a, view_b))
-                term = pair_loss(gather_rows(view_a), gather_rows(view_b), real, valid, cfg)
+                term = pair_loss(gather_rows(view_a, width), gather_rows(view_b, width), real, valid, cfg)
             else:
                 term = pair_loss(view_a, view_b, real, valid, cfg) * scale
             mscl = mscl + term
