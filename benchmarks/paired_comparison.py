@@ -49,7 +49,8 @@ def main() -> None:
     a, b = (per_user_ndcg(run, args.data, args.split) for run in (args.run_a, args.run_b))
     result = paired_difference(a, b)
     print(f"{args.split} NDCG@10 over {len(a)} users; {describe_machine()}")
-    print(f"| run | {args.split} NDCG@10 |\n|---|---|\n| {args.run_a} | {a.mean():.4f} |\n| {args.run_b} | {b.mean():.4f} |")
+    print(f"| run | {args.split} NDCG@10 |\n|---|---|")
+    print(f"| {args.run_a} | {a.mean():.4f} |\n| {args.run_b} | {b.mean():.4f} |")
     low, high = result["ci95"]
     print(f"A - B: {result['mean']:+.4f} (paired SE {result['se']:.4f}; bootstrap 95% interval [{low:+.4f}, "
           f"{high:+.4f}]; share of resamples with A - B <= 0: {result['share_not_above']:.3f})")

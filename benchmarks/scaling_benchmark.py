@@ -107,7 +107,8 @@ def table(results: list[dict]) -> str:
     job("timed optimizer steps", lambda r: f"{r['steps']} (+{r['warmup']} warm-up)")
     job("steps/s", lambda r: f"{r['steps_per_s']:.2f}")
     job("samples/s (global batch)", lambda r: f"{r['samples_per_s']:,.0f}")
-    job("mean recommendation loss, first / last 10 timed steps", lambda r: f"{r['loss_first']:.3f} / {r['loss_last']:.3f}")
+    job("mean recommendation loss, first / last 10 timed steps",
+        lambda r: f"{r['loss_first']:.3f} / {r['loss_last']:.3f}")
     job("exact validation ranking: users x items, seconds",
         lambda r: (f"{r['eval_users']:,} x {r['catalogue']:,}: {r['eval_s']:.1f} s" if r.get("eval_s") is not None
                    else "skipped"))

@@ -364,7 +364,8 @@ def main(argv=None) -> dict:
         "load_average_start": load_start, "load_average_end": load_end,
         "versions": {"ours": our_versions(), "recbole_venv": peer["versions"] if peer else None},
         "feature_extraction": extraction, "results": results, "goals": goals(results),
-        "command": [sys.executable, "-m", "benchmarks.throughput_benchmark", *(argv if argv is not None else sys.argv[1:])],
+        "command": [sys.executable, "-m", "benchmarks.throughput_benchmark",
+                    *(argv if argv is not None else sys.argv[1:])],
     }
     (out / "result.json").write_text(json.dumps(record, indent=2))
 

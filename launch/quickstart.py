@@ -77,7 +77,8 @@ def _train(data_dir: Path, model_run: Path, overrides: list[str]) -> dict:
 
 def _print_summary(run_dir: Path, summary: dict, plots: list[Path]) -> None:
     print("\n=== done ===")
-    print(f"{'':8s} {'ndcg@5':>8s} {'ndcg@10':>8s} {'mrr@10':>8s} {'recall@10':>9s}   (test, at the best validation epoch)")
+    header = f"{'':8s} {'ndcg@5':>8s} {'ndcg@10':>8s} {'mrr@10':>8s} {'recall@10':>9s}"
+    print(f"{header}   (test, at the best validation epoch)")
     for model in ("cammsr", "sasrec"):
         test = summary[model]["test"]
         print(f"{model:8s} {test['ndcg@5']:8.4f} {test['ndcg@10']:8.4f} {test['mrr@10']:8.4f} {test['recall@10']:9.4f}")

@@ -27,7 +27,8 @@ def add_recommend_command(subparsers) -> argparse.ArgumentParser:
                     "one process and rank every item after the given history as evaluation ranks it. "
                     "Prints the history and the top K items with original ids, scores and titles.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", dest="run_dir", required=True, type=Path, help="run directory (the --run-dir of `cammsr train`)")
+    parser.add_argument("--run", dest="run_dir", required=True, type=Path,
+                        help="run directory (the --run-dir of `cammsr train`)")
     parser.add_argument("--history", required=True, type=_ids, metavar="ID,ID,...",
                         help="item ids in chronological order (oldest first): the dataset's original ids (ASIN, "
                              "movie id, ...) unless --internal-ids; only the last model.max_seq_len are read")

@@ -45,7 +45,8 @@ def test_eval_time_validates_every_user_once(data):
     proc = subprocess.run([PY, "-m", "benchmarks.eval_time", "--data", str(data), "--config", "configs/tiny.yaml",
                            *TINY], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^cammsr: one validation of 81 users in [\d.]+ s \(ndcg@10 0\.\d{6}\)", proc.stdout, re.M), proc.stdout
+    line = r"^cammsr: one validation of 81 users in [\d.]+ s \(ndcg@10 0\.\d{6}\)"
+    assert re.search(line, proc.stdout, re.M), proc.stdout
 
 
 def test_accuracy_table_reads_a_real_run_in_the_chosen_metrics_with_its_curve(data, tmp_path):

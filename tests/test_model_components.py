@@ -114,7 +114,8 @@ def test_experts_are_gate_weighted_ffns(variant):
         x = torch.cat([e[..., j, :] for j in range(modalities)], -1) if variant == "camoe" else e[..., m, :]
         for expert in range(k):
             h = F.gelu(x @ experts.w1[pool, expert] + experts.b1[pool, expert])
-            expected[..., m, :] += gates[..., m, expert, None] * (h @ experts.w2[pool, expert] + experts.b2[pool, expert])
+            expert_out = h @ experts.w2[pool, expert] + experts.b2[pool, expert]
+            expected[..., m, :] += gates[..., m, expert, None] * expert_out
     assert experts.w1.shape[2] == (modalities * d if variant == "camoe" else d)
     assert experts.w1.shape[3] == mult * d
     assert torch.allclose(got, expected, atol=1e-5)

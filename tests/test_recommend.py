@@ -123,7 +123,8 @@ def test_same_ranking_as_evaluation(root, zero3_run, which, capsys):
 def test_unknown_id_stops_naming_it(root, capsys):
     known = PreparedDataset(root / "data", verify=False)
     first = next(known.items()).original_id
-    assert cli_main(["recommend", "--run", str(root / "cammsr"), "--history", f"{first},NO-SUCH-ITEM,{first[:-1]}"]) == 2
+    history = f"{first},NO-SUCH-ITEM,{first[:-1]}"
+    assert cli_main(["recommend", "--run", str(root / "cammsr"), "--history", history]) == 2
     err = capsys.readouterr().err
     assert "NO-SUCH-ITEM" in err and repr(first[:-1]) in err and "close:" in err
     assert cli_main(["recommend", "--run", str(root / "cammsr"), "--internal-ids", "--history", "3,999"]) == 2

@@ -234,8 +234,8 @@ def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path
     # a run killed (SIGKILL) after its first checkpoint, then resumed, ends with the same metrics
     killed = tmp_path / "killed"
     # (mid-epoch checkpoints too: the data position is a step inside an epoch; checkpointing is not in the maths)
-    proc = subprocess.Popen(_train_cmd(dataset, killed, "checkpoint.every_steps=3"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(dataset, killed, "checkpoint.every_steps=3"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not (killed / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"

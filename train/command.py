@@ -40,7 +40,8 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="prepared dataset folder (sets data.path)")
     parser.add_argument("--config", type=Path, help="YAML config (configs/NAME.yaml)")
     parser.add_argument("--run-dir", type=Path, required=True, help="output folder of this run")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its latest checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers; env wins
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides (values parsed as YAML), anywhere on the line; a later one wins")

@@ -1,8 +1,8 @@
 """Exact distributed full ranking: every rank ranks ITS users (each user on one rank) against all items; what is
 all-reduced is integer: the number of users at each rank 1..max(ks) and the user count. Metric sums are computed
 from that histogram in a fixed order, so the result is bit-identical for every world size (summing float metric
-sums across ranks would differ in the last bits with the summation order). No padded duplicates: ranks that run out of users run
-masked dummy chunks (so ZeRO-3's per-forward collectives stay in step) which count for nothing.
+sums across ranks would differ in the last bits with the summation order). No padded duplicates: ranks that run
+out of users run masked dummy chunks (so ZeRO-3's per-forward collectives stay in step) which count for nothing.
 
 Memory is O(users x d + chunk): the user vectors of this rank's users are computed first (sequence rows looked up in
 the ID table), then the catalogue is read `chunk_size` item ids at a time (`table.rows`, a collective with the same

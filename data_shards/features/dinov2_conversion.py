@@ -252,7 +252,8 @@ def convert_onnx_backbone(onnx_path: Path | None = None):
         raise ValueError("could not read the attention head size from the ONNX graph")
     eps = None
     for node in backbone_nodes:
-        if node.name.startswith("/backbone/layernorm/") and node.op == "Add" and "backbone.layernorm.bias" not in node.inputs:
+        is_final_norm_add = node.name.startswith("/backbone/layernorm/") and node.op == "Add"
+        if is_final_norm_add and "backbone.layernorm.bias" not in node.inputs:
             value = next((graph.value(i) for i in node.inputs if graph.value(i) is not None), None)
             if value is not None and value.size == 1:
                 eps = float(value.reshape(-1)[0])
