@@ -87,7 +87,7 @@ def table(results: list[dict]) -> str:
         ("table bytes per rank (fp32 rows)", "table_bytes", _gb),
         ("fused optimizer state per rank (row-wise Adagrad)", "optimizer_bytes", lambda v: f"{v / 1e6:.1f} MB"),
         ("table + optimizer state per rank", "table_and_optimizer_bytes", _gb),
-        ("peak RSS during setup (ru_maxrss; the initial table is built whole on every rank)", "peak_rss_setup", _gb),
+        ("peak RSS during setup (ru_maxrss; a rank builds only its rows of the initial table)", "peak_rss_setup", _gb),
         ("RSS after setup (Trainer built)", "rss_after_setup", _gb),
         ("RSS after the timed steps", "rss_after_train", _gb),
         ("peak RSS up to the end of the timed steps (ru_maxrss)", "peak_rss_train", _gb),

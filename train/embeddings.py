@@ -16,24 +16,55 @@ Row 0 (padding) stays zero: sequence rows are masked at padding positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from cammsr.layers import init_id_table_
-
 FEATURE = "item"
 TABLE = "item_id"
 
 
+INIT_BLOCK_ROWS = 65_536  # a multiple of 16: torch draws normal values 16 at a time (see initial_blocks)
+
+
+def _block_initializer(init_method: str, num_rows: int, dim: int) -> Callable[[torch.Tensor, torch.Generator], None]:
+    """`cammsr.layers.initializer(init_method)` for a block of rows of a [num_rows, dim] table: Xavier's fans are
+    the whole table's (fan_in = dim, fan_out = num_rows), not the block's."""
+    if init_method == "normal":
+        return lambda block, generator: block.normal_(0.0, 0.02, generator=generator)
+    std = math.sqrt(2.0 / (num_rows + dim))
+    if init_method == "xavier_normal":
+        return lambda block, generator: block.normal_(0.0, std, generator=generator)
+    bound = math.sqrt(3.0) * std
+    return lambda block, generator: block.uniform_(-bound, bound, generator=generator)
+
+
+def initial_blocks(num_rows: int, dim: int, seed: int, init_method: str,
+                   block_rows: int = INIT_BLOCK_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
+    """The initial table as consecutive blocks (first row, rows), never more than one block in memory: a rank keeps
+    the rows of its shards only. The values are `init_id_table_` on the whole table after `torch.manual_seed(seed)`,
+    identical on every rank and for every world size: torch's CPU normal_ draws uniforms in groups of 16 (the last
+    16 values redrawn when the count is no multiple of 16), so blocks of a multiple of 16 values continue one stream."""
+    starts = list(range(0, num_rows, block_rows))
+    if len(starts) > 1 and (num_rows - starts[-1]) * dim < 16:
+        starts.pop()  # fewer than 16 values take torch's one-at-a-time path: keep them in the previous block
+    init = _block_initializer(init_method, num_rows, dim)
+    generator = torch.Generator().manual_seed(seed)
+    for start, end in zip(starts, starts[1:] + [num_rows]):
+        block = torch.empty(end - start, dim)
+        init(block, generator)
+        if start == 0:
+            block[0].zero_()
+        yield start, block
+
+
 def initial_table(num_rows: int, dim: int, seed: int, init_method: str) -> torch.Tensor:
-    """The full initial table, identical on every rank and for every world size."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    """The whole initial table (one process holds it all)."""
     weight = torch.empty(num_rows, dim)
-    init_id_table_(weight, init_method)
-    torch.random.set_rng_state(generator_state)
+    for start, block in initial_blocks(num_rows, dim, seed, init_method):
+        weight[start:start + block.shape[0]] = block
     return weight
 
 
@@ -126,8 +157,8 @@ class TorchRecItemTable(nn.Module):
 
     backend = "torchrec"
 
-    def __init__(self, weight: torch.Tensor, sharding: str, optimizer: str, lr: float, eps: float,
-                 device: torch.device):
+    def __init__(self, num_rows: int, dim: int, blocks: Iterable[tuple[int, torch.Tensor]], sharding: str,
+                 optimizer: str, lr: float, eps: float, device: torch.device):
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -138,7 +169,7 @@ class TorchRecItemTable(nn.Module):
         from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
         from torchrec.distributed.types import ShardingEnv
 
-        self.num_rows, self.dim = weight.shape
+        self.num_rows, self.dim = num_rows, dim
         self.device = device
         optim = {"exact_rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
                  "exact_adagrad": EmbOptimType.EXACT_ADAGRAD, "exact_sgd": EmbOptimType.EXACT_SGD}[optimizer]
@@ -161,19 +192,25 @@ class TorchRecItemTable(nn.Module):
                                             device=device, plan=plan, sharders=[sharder],
                                             init_data_parallel=False)
         self.plan = plan
-        self._load_full(weight)
+        self._load_initial(blocks)
 
     def _shards(self):
         return [v for k, v in self.dmp.state_dict().items() if k.endswith("weight")]
 
     @torch.no_grad()
-    def _load_full(self, weight: torch.Tensor) -> None:
-        """Copy this rank's slice of the full initial table into its local shards (live views)."""
-        for sharded in self._shards():
-            for shard in sharded.local_shards():
+    def _load_initial(self, blocks: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Copy the rows of the initial table's blocks that fall in this rank's shards (live views); the rest of
+        each block is dropped, so no rank ever holds the whole table."""
+        shards = [shard for sharded in self._shards() for shard in sharded.local_shards()]
+        for start, block in blocks:
+            end = start + block.shape[0]
+            for shard in shards:
                 row, col = shard.metadata.shard_offsets
                 rows, cols = shard.metadata.shard_sizes
-                shard.tensor.copy_(weight[row:row + rows, col:col + cols].to(shard.tensor.device))
+                first, last = max(start, row), min(end, row + rows)
+                if first < last:
+                    shard.tensor[first - row:last - row].copy_(
+                        block[first - start:last - start, col:col + cols].to(shard.tensor.device))
 
     def _lookup(self, item_seq: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One KJT of two bags (the sequence ids, then `ids`) through the sharded collection."""
@@ -230,10 +267,10 @@ class TorchRecItemTable(nn.Module):
 
 def build_item_table(num_items: int, dim: int, backend: str, sharding: str, optimizer: str, lr: float,
                      eps: float, seed: int, init_method: str, device: torch.device):
-    weight = initial_table(num_items + 1, dim, seed, init_method)
     if backend == "torch":
-        return TorchItemTable(weight, optimizer, lr, eps, device)
-    return TorchRecItemTable(weight, sharding, optimizer, lr, eps, device)
+        return TorchItemTable(initial_table(num_items + 1, dim, seed, init_method), optimizer, lr, eps, device)
+    return TorchRecItemTable(num_items + 1, dim, initial_blocks(num_items + 1, dim, seed, init_method), sharding,
+                             optimizer, lr, eps, device)
 
 
 def describe_plan(table) -> str:
@@ -242,4 +279,4 @@ def describe_plan(table) -> str:
     return str(table.plan).strip()
 
 
-__all__ = ["build_item_table", "TorchItemTable", "TorchRecItemTable", "describe_plan", "math"]
+__all__ = ["build_item_table", "TorchItemTable", "TorchRecItemTable", "describe_plan"]
