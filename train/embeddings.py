@@ -47,6 +47,8 @@ def initial_blocks(num_rows: int, dim: int, seed: int, init_method: str,
     the rows of its shards only. The values are `init_id_table_` on the whole table after `torch.manual_seed(seed)`,
     identical on every rank and for every world size: torch's CPU normal_ draws uniforms in groups of 16 (the last
     16 values redrawn when the count is no multiple of 16), so blocks of a multiple of 16 values continue one stream."""
+    if block_rows <= 0 or block_rows % 16:
+        raise ValueError(f"block_rows must be a positive multiple of 16, got {block_rows}")
     starts = list(range(0, num_rows, block_rows))
     if len(starts) > 1 and (num_rows - starts[-1]) * dim < 16:
         starts.pop()  # fewer than 16 values take torch's one-at-a-time path: keep them in the previous block
