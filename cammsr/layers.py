@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,11 +98,14 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
 
 
+NORMAL_INIT_STD = 0.02  # RecBole's SASRec initializer_range
+
+
 def initializer(method: str):
     """The weight initialiser of `init_method`: Xavier (the paper) or normal(0, 0.02) (RecBole's SASRec,
     initializer_range 0.02)."""
     if method == "normal":
-        return lambda weight: nn.init.normal_(weight, mean=0.0, std=0.02)
+        return lambda weight: nn.init.normal_(weight, mean=0.0, std=NORMAL_INIT_STD)
     return nn.init.xavier_normal_ if method == "xavier_normal" else nn.init.xavier_uniform_
 
 
@@ -124,3 +129,17 @@ def init_id_table_(weight: torch.Tensor, method: str = "xavier_normal") -> None:
     """Initialise an item-ID table that lives outside the model (row 0 = padding, kept at zero)."""
     initializer(method)(weight)
     weight[0].zero_()
+
+
+@torch.no_grad()
+def init_table_rows_(rows: torch.Tensor, method: str, table_shape: tuple[int, int], generator: torch.Generator) -> None:
+    """`initializer(method)` on a block of rows of a table of `table_shape`, drawn from `generator`: Xavier's fans
+    are the whole table's (fan_in = dim, fan_out = rows), so consecutive blocks draw what the whole table would."""
+    if method == "normal":
+        rows.normal_(0.0, NORMAL_INIT_STD, generator=generator)
+        return
+    std = math.sqrt(2.0 / sum(table_shape))
+    if method == "xavier_normal":
+        rows.normal_(0.0, std, generator=generator)
+    else:
+        rows.uniform_(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, generator=generator)

@@ -15,30 +15,19 @@ Row 0 (padding) stays zero: sequence rows are masked at padding positions.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from cammsr.layers import init_table_rows_
 
 FEATURE = "item"
 TABLE = "item_id"
 
 
 INIT_BLOCK_ROWS = 65_536  # a multiple of 16: torch draws normal values 16 at a time (see initial_blocks)
-
-
-def _block_initializer(init_method: str, num_rows: int, dim: int) -> Callable[[torch.Tensor, torch.Generator], None]:
-    """`cammsr.layers.initializer(init_method)` for a block of rows of a [num_rows, dim] table: Xavier's fans are
-    the whole table's (fan_in = dim, fan_out = num_rows), not the block's."""
-    if init_method == "normal":
-        return lambda block, generator: block.normal_(0.0, 0.02, generator=generator)
-    std = math.sqrt(2.0 / (num_rows + dim))
-    if init_method == "xavier_normal":
-        return lambda block, generator: block.normal_(0.0, std, generator=generator)
-    bound = math.sqrt(3.0) * std
-    return lambda block, generator: block.uniform_(-bound, bound, generator=generator)
 
 
 def initial_blocks(num_rows: int, dim: int, seed: int, init_method: str,
@@ -52,11 +41,10 @@ def initial_blocks(num_rows: int, dim: int, seed: int, init_method: str,
     starts = list(range(0, num_rows, block_rows))
     if len(starts) > 1 and (num_rows - starts[-1]) * dim < 16:
         starts.pop()  # fewer than 16 values take torch's one-at-a-time path: keep them in the previous block
-    init = _block_initializer(init_method, num_rows, dim)
     generator = torch.Generator().manual_seed(seed)
     for start, end in zip(starts, starts[1:] + [num_rows]):
         block = torch.empty(end - start, dim)
-        init(block, generator)
+        init_table_rows_(block, init_method, (num_rows, dim), generator)
         if start == 0:
             block[0].zero_()
         yield start, block
