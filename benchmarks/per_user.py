@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cammsr.metrics import expected_metric
 from train.recommend import RunRecommender
 
 
@@ -13,11 +14,11 @@ def user_vectors_after(recommender: RunRecommender, histories: list[list[int]]) 
 
 
 def ndcg_at_10_per_user(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """scores [users, items] (column k = item k + 1), targets [users] item ids -> [users] NDCG@10 (float64);
-    rank = 1 + items scoring strictly higher, as in evaluation."""
-    ranks = (scores > scores.gather(1, (targets - 1)[:, None])).sum(dim=1) + 1
-    gain = 1.0 / torch.log2(ranks.to(torch.float64) + 1)
-    return torch.where(ranks <= 10, gain, torch.zeros_like(gain))
+    """scores [users, items] (column k = item k + 1), targets [users] item ids -> [users] NDCG@10 (float64),
+    tied items counted as in evaluation (cammsr.metrics: the expectation over a random order of the ties)."""
+    target_score = scores.gather(1, (targets - 1)[:, None])
+    ranks = (scores > target_score).sum(dim=1) + 1
+    return expected_metric("ndcg", 10, ranks, (scores == target_score).sum(dim=1))
 
 
 def split_histories(sequences: list[list[int]], split: str) -> tuple[list[list[int]], torch.Tensor]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from benchmarks.machine import describe_machine
-from cammsr.metrics import ranking_metric_sums, sums_to_means
+from benchmarks.per_user import ndcg_at_10_per_user, user_vectors_after
 from data_shards.reader import PreparedDataset
 from data_shards.sources.synthetic import DEPARTMENTS, synthetic_item_attributes
 from train.recommend import RunRecommender
@@ -24,19 +24,15 @@ from train.recommend import RunRecommender
 FREQUENCY_BUCKETS = ((0, 8), (9, 16), (17, 30), (31, None))
 
 
-def validation_ranks(recommender: RunRecommender, histories: list[list[int]], targets: list[int]) -> np.ndarray:
-    everything = recommender.num_rows - 1
-    ranks = []
-    for history, target in zip(histories, targets):
-        ranked = [item for item, _ in recommender.top_k(history, everything)]
-        ranks.append(ranked.index(target) + 1)
-    return np.array(ranks)
+def validation_ndcg(recommender: RunRecommender, histories: list[list[int]], targets: np.ndarray) -> np.ndarray:
+    """[users] validation NDCG@10 of each user, tied items counted as in evaluation."""
+    users = user_vectors_after(recommender, histories).flatten(1)
+    scores = users @ recommender.candidates[1:].flatten(1).T
+    return ndcg_at_10_per_user(scores, torch.from_numpy(targets).to(scores.device)).cpu().numpy()
 
 
-def ndcg_at_10(ranks: np.ndarray) -> float:
-    if not len(ranks):  # an empty bucket
-        return float("nan")
-    return sums_to_means(ranking_metric_sums(torch.from_numpy(ranks)))["ndcg@10"]
+def mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")  # nan: an empty bucket
 
 
 def main() -> None:
@@ -65,17 +61,17 @@ def main() -> None:
         inside = (seen >= low) & (seen <= (high if high is not None else seen.max()))
         groups.append((f"target seen {low}-{high if high is not None else ''} times in training", inside))
 
-    names, ranks = [], []
+    names, per_user = [], []
     for spec in args.runs:
         name, _, run_dir = spec.partition("=")
         names.append(name)
-        ranks.append(validation_ranks(RunRecommender(run_dir), histories, targets.tolist()))
+        per_user.append(validation_ndcg(RunRecommender(run_dir), histories, targets))
 
     print(f"Validation NDCG@10 on {args.data} ({len(targets)} users); {describe_machine()}")
     print("| users | count | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for label, mask in groups:
-        print(f"| {label} | {int(mask.sum())} | " + " | ".join(f"{ndcg_at_10(r[mask]):.4f}" for r in ranks) + " |")
+        print(f"| {label} | {int(mask.sum())} | " + " | ".join(f"{mean_or_nan(n[mask]):.4f}" for n in per_user) + " |")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@ User vectors are [R, D]; for several modalities D = M * d, which makes the singl
 the sum of the per-modality dot products of Eq. 15. Targets are item ids in 1..N; 0 marks a row to ignore.
 Everything is computed in fp32, also under autocast.
 
-Ties: rank = 1 + number of items whose score is strictly greater than the target's (deterministic,
-independent of item order; the target's own score is read from the same matmul that scores the others).
+Ties: `target_ranks` gives rank = 1 + the number of items scoring strictly higher than the target, and the
+number of items scoring exactly as the target does (the target included); `cammsr.metrics` turns the pair into the
+metrics' expectation under a random order of the tied items. Both are independent of item order; the target's own
+score is read from the same matmul that scores the others. `top_k_items` lists tied items by ascending id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +109,16 @@ def _offset(scores: torch.Tensor, score_offset: torch.Tensor | None) -> torch.Te
     return scores if score_offset is None else scores + score_offset.float()[:, None]
 
 
+class TargetRanks(NamedTuple):
+    """rank [R]: 1 + items scoring strictly higher than the target; ties [R]: items scoring equal, target included."""
+    rank: torch.Tensor
+    ties: torch.Tensor
+
+
 @torch.no_grad()
 def target_ranks(user: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                 score_offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Rank (1 = best) of each row's target among items 1..N; see the module docstring for ties."""
+                 score_offset: torch.Tensor | None = None) -> TargetRanks:
+    """Rank (1 = best) of each row's target among items 1..N and its tie count; see the module docstring."""
     with torch.autocast(device_type=user.device.type, enabled=False):
         user, candidates = _fp32(user, candidates)
         target_score = torch.zeros(user.shape[0], device=user.device)
@@ -119,16 +128,19 @@ def target_ranks(user: torch.Tensor, candidates: torch.Tensor, targets: torch.Te
             column = (targets - start).clamp(0, end - start - 1)
             target_score = torch.where(inside, scores.gather(1, column[:, None]).squeeze(1), target_score)
         greater = torch.zeros(user.shape[0], dtype=torch.long, device=user.device)
+        equal = torch.zeros(user.shape[0], dtype=torch.long, device=user.device)
         for start, end in _chunks(candidates.shape[0], chunk_size):
             scores = _offset(user @ candidates[start:end].T, score_offset)
             greater += (scores > target_score[:, None]).sum(dim=1)
-    return greater + 1
+            equal += (scores == target_score[:, None]).sum(dim=1)
+    return TargetRanks(greater + 1, equal.clamp_min(1))
 
 
 @torch.no_grad()
 def top_k_items(user: torch.Tensor, candidates: torch.Tensor, k: int, chunk_size: int,
                 score_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best k items (ids in 1..N) per row and their scores, keeping only k per row across chunks."""
+    """Best k items (ids in 1..N) per row and their scores, keeping only k per row across chunks; equal scores
+    in ascending id order (a stable sort over ids kept in ascending order)."""
     with torch.autocast(device_type=user.device.type, enabled=False):
         user, candidates = _fp32(user, candidates)
         best_scores = user.new_empty(user.shape[0], 0)
@@ -138,6 +150,9 @@ def top_k_items(user: torch.Tensor, candidates: torch.Tensor, k: int, chunk_size
             ids = torch.arange(start, end, device=user.device).expand_as(scores)
             merged_scores = torch.cat([best_scores, scores], dim=1)
             merged_ids = torch.cat([best_ids, ids], dim=1)
-            best_scores, index = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-            best_ids = merged_ids.gather(1, index)
+            order = merged_ids.argsort(dim=1)  # earlier chunks' survivors can follow a tied id of this chunk
+            merged_scores, merged_ids = merged_scores.gather(1, order), merged_ids.gather(1, order)
+            sorted_scores, index = merged_scores.sort(dim=1, descending=True, stable=True)
+            keep = min(k, merged_scores.shape[1])
+            best_scores, best_ids = sorted_scores[:, :keep], merged_ids.gather(1, index[:, :keep])
     return best_scores, best_ids

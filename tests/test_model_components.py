@@ -260,18 +260,22 @@ def test_cross_entropy_over_full_catalogue_chunked_equals_direct(chunk_size):
     assert grads[1][0].abs().sum() == 0  # padding row is never a candidate
 
 
-def test_target_ranks_count_strictly_greater_scores_across_chunks():
+def test_target_ranks_count_strictly_greater_and_tied_scores_across_chunks():
     user, candidates = _catalogue()
     candidates[20] = candidates[7]  # an exact tie with target 7
     candidates[33] = candidates[7]
     targets = torch.tensor([7, 1, 37, 20, 15, 33])
     logits = _eq15_logits(user, candidates)
-    expected = [1 + sum(s > logits[r, targets[r] - 1] for s in logits[r]).item() for r in range(6)]
+    target_logits = logits[torch.arange(6), targets - 1]
+    expected = [1 + sum(s > target_logits[r] for s in logits[r]).item() for r in range(6)]
+    expected_ties = [sum(s == target_logits[r] for s in logits[r]).item() for r in range(6)]
+    assert expected_ties == [3, 1, 1, 3, 1, 3]
     for chunk_size in (3, 8, 1000):
         ranks = target_ranks(user.flatten(1), candidates.flatten(1), targets, chunk_size)
-        assert ranks.tolist() == expected
+        assert ranks.rank.tolist() == expected and ranks.ties.tolist() == expected_ties
     offset = torch.randn(6)
-    assert target_ranks(user.flatten(1), candidates.flatten(1), targets, 8, offset).tolist() == expected
+    ranks = target_ranks(user.flatten(1), candidates.flatten(1), targets, 8, offset)
+    assert ranks.rank.tolist() == expected and ranks.ties.tolist() == expected_ties
 
 
 def test_top_k_chunked_equals_full_sort():

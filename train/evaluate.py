@@ -1,24 +1,28 @@
 """Exact distributed full ranking: every rank ranks ITS users (each user on one rank) against all items; what is
-all-reduced is integer: the number of users at each rank 1..max(ks) and the user count. Metric sums are computed
-from that histogram in a fixed order, so the result is bit-identical for every world size (summing float metric
-sums across ranks would differ in the last bits with the summation order). No padded duplicates: ranks that run
-out of users run masked dummy chunks (so ZeRO-3's per-forward collectives stay in step) which count for nothing.
+combined across ranks is integer: a histogram of (rank, tie count) pairs of the users ranked within max(ks), and the
+user count. Metric sums are computed from that histogram in a fixed order, so the result is bit-identical for every
+world size (summing float metric sums across ranks would differ in the last bits with the summation order). No
+padded duplicates: ranks that run out of users run masked dummy chunks (so ZeRO-3's per-forward collectives stay in
+step) which count for nothing.
 
 Memory is O(users x d + chunk): the user vectors of this rank's users are computed first (sequence rows looked up in
 the ID table), then the catalogue is read `chunk_size` item ids at a time (`table.rows`, a collective with the same
 chunks on every rank) and scored against them; the full table is never held. Two passes over the chunks: the
 first reads each target's score from the same matmul that scores the other items, the second counts the items
-scoring strictly higher (scoring.target_ranks' tie rule). `eval.max_users` picks a fixed subset of users
-(`evaluation_users`) where ranking every user against 10M items would take too long.
+scoring strictly higher and those scoring equal (cammsr.metrics: tied items count as in a random order).
+`eval.max_users` picks a fixed subset of users (`evaluation_users`) where ranking every user against 10M items would
+take too long.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import torch
 
 from cammsr.base import ModelOutput
-from cammsr.metrics import ranking_metric_sums, sums_to_means
+from cammsr.metrics import histogram_metric_sums, rank_tie_histogram, sums_to_means
 from train.data import Batch, LocalSequences, eval_batches
 from train.distributed import all_gather_objects, all_reduce_sum
 from train.monitor import progress_bar
@@ -91,10 +95,11 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
     user, target = torch.cat(vectors), torch.cat(targets)
     offset = None if offsets[0] is None else torch.cat(offsets)
 
-    # 2. the catalogue, chunk by chunk: pass 0 reads the targets' scores, pass 1 counts higher-scoring items
+    # 2. the catalogue, chunk by chunk: pass 0 reads the targets' scores, pass 1 counts higher-scoring and tied items
     cached = None
     target_score = torch.zeros(user.shape[0], device=device)
     greater = torch.zeros(user.shape[0], dtype=torch.long, device=device)
+    equal = torch.zeros(user.shape[0], dtype=torch.long, device=device)
     with torch.autocast(device_type=device.type, enabled=False):
         for count_pass in (False, True):
             for start, end in spans:
@@ -112,6 +117,7 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
                         scores = scores + offset[part, None]
                     if count_pass:
                         greater[part] += (scores > target_score[part, None]).sum(dim=1)
+                        equal[part] += (scores == target_score[part, None]).sum(dim=1)
                     else:
                         inside = (target[part] >= start) & (target[part] < end)
                         column = (target[part] - start).clamp(0, end - start - 1)
@@ -119,17 +125,13 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
                                                          target_score[part])
                 bar.update()
     bar.close()
-    ranks = greater + 1
-
-    top = max(ks)
-    histogram = torch.bincount(ranks.clamp(max=top + 1), minlength=top + 2)  # [rank 1..top, > top] at 1..top+1
-    all_reduce_sum(histogram)
+    local = rank_tie_histogram(greater + 1, equal.clamp_min(1), max(ks))
+    histogram = sum(all_gather_objects(local), Counter())
+    count = torch.tensor([user.shape[0]], dtype=torch.long, device=device)
+    all_reduce_sum(count)
     model.train(was_training)
-    histogram = histogram.cpu()
-    levels = torch.arange(1, top + 2)
-    sums = ranking_metric_sums(levels, ks, valid=histogram[1:].double())
-    means = sums_to_means(sums)
-    means["count"] = int(histogram.sum())
+    means = sums_to_means(histogram_metric_sums(histogram, int(count), ks))
+    means["count"] = int(count)
     return means
 
 
