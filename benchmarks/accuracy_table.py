@@ -46,7 +46,8 @@ def paper_row(name: str, values: tuple, metrics: list[str]) -> str:
 
 def run_row(name: str, run_dir: Path, metrics: dict, metric_names: list[str]) -> str:
     if metrics.get("test") is None:
-        raise SystemExit(f"{run_dir}/metrics.json has no test metrics yet (no validation round finished)")
+        raise SystemExit(f"{run_dir}/metrics.json has no test metrics yet (eval.test=end ranks test once, "
+                         "when training ends; eval.test=never, never)")
     test, valid = metrics["test"], metrics["valid"]
     cap = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_epochs"]
     if metrics.get("stopped_early"):

@@ -137,7 +137,7 @@ def main_parent(args) -> int:
         "train.batching=by_length",
         "embedding.backend=torchrec", "embedding.sharding=row_wise", f"data.extra_items={extra}",
         f"eval.max_users={args.eval_users}", "eval.batch_size=1024", "logging.tensorboard=false",
-        "checkpoint.enabled=false", "distributed.timeout_s=1800"]
+        "checkpoint.enabled=false", "eval.test=never", "distributed.timeout_s=1800"]
     print(f"machine: {machine}")
     print(f"data: {data} ({manifest['num_users']:,} users, {manifest['num_items']:,} items with interactions, "
           f"{manifest['num_interactions']:,} interactions; prepared in {prep_s:.0f} s"

@@ -20,8 +20,8 @@ def scratch_trainer(args: argparse.Namespace) -> Iterator:
     """A Trainer for args.data / args.config / args.overrides, closed on leaving (process group included)."""
     from train.config import load_config
     from train.loop import Trainer
-    cfg = load_config(args.config, [f"data.path={args.data}", "checkpoint.enabled=false", "logging.tensorboard=false",
-                                    *args.overrides])
+    cfg = load_config(args.config, [f"data.path={args.data}", "checkpoint.enabled=false", "eval.test=never",
+                                    "logging.tensorboard=false", *args.overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
         try:

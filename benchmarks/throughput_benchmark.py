@@ -223,7 +223,7 @@ def run_ours(args, name: str, pairs: dict, out: Path) -> dict:
     import yaml
     run_dir = out / name
     overrides = [f"model.name={name}", f"train.max_epochs={args.epochs}", f"eval.every={args.epochs}",
-                 "checkpoint.enabled=false", *args.overrides]
+                 "checkpoint.enabled=false", "eval.test=never", *args.overrides]
     cmd = [sys.executable, "-m", "launch.cli", "train", "--data", str(args.data), "--config", str(args.config),
            "--run-dir", str(run_dir), *overrides]
     load_before = load_average()

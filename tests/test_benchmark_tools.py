@@ -52,7 +52,8 @@ def test_eval_time_validates_every_user_once(data):
 def test_accuracy_table_reads_a_real_run_in_the_chosen_metrics_with_its_curve(data, tmp_path):
     run_dir = tmp_path / "run"
     trained = subprocess.run([PY, "-m", "launch.cli", "train", "--data", str(data), "--config", "configs/tiny.yaml",
-                              "--run-dir", str(run_dir), *TINY, "train.max_epochs=2", "checkpoint.enabled=false"],
+                              "--run-dir", str(run_dir), *TINY, "train.max_epochs=2", "checkpoint.enabled=false",
+                              "eval.test=each_best"],
                              cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240)
     assert trained.returncode == 0, trained.stderr[-3000:]
     proc = subprocess.run([PY, "-m", "benchmarks.accuracy_table", "--paper", "beauty", "--metrics",

@@ -3,6 +3,7 @@ exact distributed evaluation, kill + resume == uninterrupted, a dead or interrup
 TensorBoard tags, the progress bar."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,7 +165,7 @@ from pathlib import Path
 from train.config import load_config
 from train.loop import Trainer
 cfg = load_config(None, ["data.path=" + sys.argv[1], "logging.tensorboard=false", "checkpoint.enabled=false",
-                         "train.zero_stage=0", "train.id_warmup_epochs=1", *sys.argv[3:]])
+                         "eval.test=never", "train.zero_stage=0", "train.id_warmup_epochs=1", *sys.argv[3:]])
 dense = {}
 for allreduce in (True, False):
     trainer = Trainer(cfg, Path(sys.argv[2]) / str(allreduce))
@@ -258,6 +259,18 @@ def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path
     assert after["valid"] == metrics["valid"] and after["test"] == metrics["test"]
     assert after["best_epoch"] == metrics["best_epoch"]
 
+    # test is ranked once, after training, with the best checkpoint: what the per-improvement option
+    # (eval.test=each_best) reads during training with the weights of then; the logs show validation only
+    assert all("test" not in r for r in metrics["history"]) and metrics["best_epoch"] < metrics["epochs_run"] - 1
+    lines = trained.stdout.splitlines()
+    ending = next(i for i, line in enumerate(lines) if line.startswith("test at the best validation epoch"))
+    assert not any(re.search(r"\btest\b", line) for line in lines[:ending]), trained.stdout
+    each = _run(_train_cmd(dataset, tmp_path / "each", "eval.test=each_best"))
+    each_metrics = json.loads((tmp_path / "each" / "metrics.json").read_text())
+    assert each_metrics["test"] == metrics["test"] and each_metrics["valid"] == metrics["valid"]
+    best = next(r for r in each_metrics["history"] if r["epoch"] == each_metrics["best_epoch"])
+    assert best["test"] == metrics["test"] and "test at the best" not in each.stdout
+
 
 def _signal_rank_one_while_training(dataset, run_dir, sig, timeout_s: float) -> tuple[int, str, float]:
     """Start a 2-rank job, send `sig` to rank 1 once training has checkpointed, and wait for the whole job:
@@ -307,9 +320,9 @@ def test_id_warmup_epochs_train_ids_alone_and_never_select_the_best_epoch(datase
     assert [bool(r.get("id_warmup")) for r in metrics["history"]] == [True, True, False, False]
     assert metrics["best_epoch"] >= 2 and metrics["epochs_run"] == 4
     best = next(r for r in metrics["history"] if r["epoch"] == metrics["best_epoch"])
-    assert best["valid"] == metrics["valid"] and best["test"] == metrics["test"]
+    assert best["valid"] == metrics["valid"] and metrics["test"]["count"] == metrics["valid"]["count"]
+    assert all("test" not in r for r in metrics["history"])  # test is ranked once, after training
     warm = [r for r in metrics["history"] if r.get("id_warmup")]
-    assert all("test" not in r for r in warm)  # warm-up epochs never read the test split
     # a warm-up checkpoint recommends as it was trained and validated: with the ID pathway alone
     from benchmarks.per_user import ndcg_at_10_per_user, split_histories, user_vectors_after
     from train.recommend import RunRecommender

@@ -81,7 +81,7 @@ from train.config import load_config
 from train.loop import Trainer
 from train.negatives import NegativeSampler
 cfg = load_config(None, ["data.path=" + sys.argv[1], "logging.tensorboard=false", "checkpoint.enabled=false",
-                         "train.zero_stage=0", "model=sasrec", "train.lr=0.01", *sys.argv[3:]])
+                         "eval.test=never", "train.zero_stage=0", "model=sasrec", "train.lr=0.01", *sys.argv[3:]])
 trainer = Trainer(cfg, Path(sys.argv[2]))
 for epoch in range(3):
     for _, batch in trainer.plan.epoch_batches(epoch):

@@ -127,8 +127,21 @@ class Checkpointer:
         sparse = {"sparse": table.sharded_state()}
         dcp.load(sparse, checkpoint_id=str(folder / "sparse"))
         table.load_sharded_state(sparse["sparse"])
-        engine.load_checkpoint(str(folder / "engine"), tag="state", load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+        self._load_engine(folder, engine)
         set_rng_state(torch.load(folder / f"rng-rank{self.rank}.pt", weights_only=False))
         state["tag"] = tag
         return state
+
+    def load_weights(self, tag: str, table, engine) -> None:
+        """The weights of checkpoint `tag` of this run, to score with (the ID table's optimizer state stays as
+        it is; the engine's is read too, as DeepSpeed loads a checkpoint whole)."""
+        folder = self.root / tag
+        sparse = {"sparse": table.weight_state()}
+        dcp.load(sparse, checkpoint_id=str(folder / "sparse"))
+        table.load_sharded_state(sparse["sparse"])
+        self._load_engine(folder, engine)
+
+    @staticmethod
+    def _load_engine(folder: Path, engine) -> None:
+        engine.load_checkpoint(str(folder / "engine"), tag="state", load_optimizer_states=True,
+                               load_lr_scheduler_states=True)

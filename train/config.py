@@ -99,6 +99,10 @@ class EvalConfig:
     # 0 = every user. N > 0: a fixed, seeded subset of N users (the same for every world size, split and round),
     # for catalogues where exact full ranking of every user is too slow (10M items); metrics count = N.
     max_users: int = 0
+    # When the test split is ranked: "end" (once, after training, with the best validation checkpoint's weights),
+    # "each_best" (after every validation round that improves the best, with the weights of then: the same
+    # numbers, read during training) or "never" (tuning studies: test is not touched).
+    test: str = "end"
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Config:
             tree.pop(section)
         tree["train"].pop("max_epochs")
         tree["eval"].pop("batch_size")
+        tree["eval"].pop("test")
         tree["data"].pop("path")
         tree["data"].pop("extract_batch_size")
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
@@ -156,6 +161,7 @@ _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig
                   "distributed": DistributedConfig}
 _CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "sgd"),
+    ("eval", "test"): ("end", "each_best", "never"),
     ("train", "schedule"): ("constant", "linear", "cosine"),
     ("train", "precision"): ("bf16", "fp32", "fp16"),
     ("train", "zero_stage"): (0, 1, 2, 3),
@@ -372,5 +378,9 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
         raise ConfigError(f"eval.metric={cfg.eval.metric!r}: must be one of {sorted(metrics)} (from eval.ks)")
     if any(k < 1 for k in cfg.eval.ks) or not {5, 10} <= set(cfg.eval.ks):
         raise ConfigError(f"eval.ks={list(cfg.eval.ks)!r}: must include 5 and 10 (metrics.json reports them)")
+    if cfg.eval.test == "end" and not cfg.checkpoint.enabled:
+        raise ConfigError("eval.test='end' ranks the test split with the best checkpoint's weights, and "
+                          "checkpoint.enabled=false writes none: set eval.test=each_best (test after each new best "
+                          "validation) or eval.test=never")
     if cfg.distributed.backend == "nccl" and not cuda:
         raise ConfigError("distributed.backend='nccl' needs a GPU; use auto or gloo")

@@ -126,7 +126,12 @@ class TorchItemTable(nn.Module):
     def load_sharded_state(self, state: dict) -> None:
         self.weight.copy_(state["weight"])
         for name, buffer in self.named_buffers():
-            buffer.copy_(state[name])
+            if name in state:  # a weights-only state (weight_state) keeps the optimizer's buffers
+                buffer.copy_(state[name])
+
+    def weight_state(self) -> dict:
+        """The part of sharded_state that scores: the rows, without the optimizer's state."""
+        return {"weight": self.weight.data}
 
 
 class _Collection(nn.Module):
@@ -252,7 +257,12 @@ class TorchRecItemTable(nn.Module):
 
     def load_sharded_state(self, state: dict) -> None:
         self.dmp.load_state_dict(state["model"])
-        self.dmp.fused_optimizer.load_state_dict(state["optim"])
+        if "optim" in state:  # a weights-only state (weight_state) keeps the optimizer's
+            self.dmp.fused_optimizer.load_state_dict(state["optim"])
+
+    def weight_state(self) -> dict:
+        """The part of sharded_state that scores: the table's shards, without the fused optimizer's state."""
+        return {"model": self.dmp.state_dict()}
 
 
 def build_item_table(num_items: int, dim: int, backend: str, sharding: str, optimizer: str, lr: float,

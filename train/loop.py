@@ -249,6 +249,7 @@ class Trainer:
                 self._validate(epoch, elapsed)
             if (epoch + 1) % cfg.eval.every == 0 or last or s["stopped_early"]:
                 self._checkpoint(s["epoch"], 0)
+        self.test_best()
         self._write_metrics()
         self.monitor.flush()
         return {"valid": s["best_valid"], "test": s["best_test"]}
@@ -325,21 +326,37 @@ class Trainer:
             self._write_metrics()
             return
         if s["best_metric"] is None or metric > s["best_metric"]:
-            test = self.evaluate_split("test")
-            self.monitor.scalars({f"test/{k}": v for k, v in test.items() if k != "count"}, s["global_step"])
-            s.update(best_metric=metric, best_epoch=epoch, bad_rounds=0, best_valid=valid, best_test=test,
+            s.update(best_metric=metric, best_epoch=epoch, bad_rounds=0, best_valid=valid, best_test=None,
                      best_tag=f"ep{epoch + 1:04d}-st{0:07d}")
-            record["test"] = test
+            if cfg.eval.test == "each_best":
+                s["best_test"] = record["test"] = self._test()
         else:
             s["bad_rounds"] += 1
             if cfg.eval.patience and s["bad_rounds"] >= cfg.eval.patience:
                 s["stopped_early"] = True
         s["history"].append(record)
         _log(self.env, f"  valid {cfg.eval.metric} {metric:.4f} in {record['valid_seconds']:.1f}s (best "
-                       f"{s['best_metric']:.4f} at epoch {s['best_epoch']}); test ndcg@10 at best "
-                       f"{s['best_test']['ndcg@10']:.4f}" + ("; early stop" if s["stopped_early"] else ""))
+                       f"{s['best_metric']:.4f} at epoch {s['best_epoch']})" + ("; early stop" if s["stopped_early"]
+                                                                               else ""))
         self._write_metrics()
         self.monitor.flush()
+
+    def _test(self) -> dict:
+        test = self.evaluate_split("test")
+        self.monitor.scalars({f"test/{k}": v for k, v in test.items() if k != "count"}, self.state["global_step"])
+        return test
+
+    def test_best(self) -> None:
+        """eval.test=end: rank the test split once, with the weights of the best validation round's checkpoint.
+        Training is over, so the engine's state may be replaced."""
+        s = self.state
+        if self.cfg.eval.test != "end" or s["best_tag"] is None or s["best_test"] is not None:
+            return
+        self.checkpointer.load_weights(s["best_tag"], self.table, self.engine)
+        self.set_id_warmup(s["best_epoch"])
+        s["best_test"] = self._test()
+        _log(self.env, f"test at the best validation epoch {s['best_epoch']} (checkpoint {s['best_tag']}): "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in s["best_test"].items() if k != "count"))
 
     def release(self) -> None:
         """Close the monitor and the engine; the process group stays (another Trainer may follow)."""

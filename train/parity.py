@@ -34,7 +34,7 @@ def run(data: str, steps: int, stages: list[int], overrides: list[str], run_root
     results = {}
     for stage in stages:
         cfg = load_config(None, [f"data.path={data}", f"train.zero_stage={stage}", "logging.tensorboard=false",
-                                 "checkpoint.enabled=false"] + overrides)
+                                 "checkpoint.enabled=false", "eval.test=never"] + overrides)
         trainer = Trainer(cfg, run_root / f"zero{stage}")
         before = {split: trainer.evaluate_split(split) for split in ("valid", "test")}
         losses = []
