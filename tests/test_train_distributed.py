@@ -323,6 +323,11 @@ def test_id_warmup_epochs_train_ids_alone_and_never_select_the_best_epoch(datase
     assert best["valid"] == metrics["valid"] and metrics["test"]["count"] == metrics["valid"]["count"]
     assert all("test" not in r for r in metrics["history"])  # test is ranked once, after training
     warm = [r for r in metrics["history"] if r.get("id_warmup")]
+    # without the warm-up rounds' validation (they select nothing): the same result, their rounds left out
+    _run(_train_cmd(dataset, tmp_path / "unvalidated", "train.id_warmup_epochs=2", "eval.in_warmup=false"))
+    unvalidated = json.loads((tmp_path / "unvalidated" / "metrics.json").read_text())
+    assert [r["valid"] for r in unvalidated["history"]] == [r["valid"] for r in metrics["history"][2:]]
+    assert unvalidated["test"] == metrics["test"] and unvalidated["best_epoch"] == metrics["best_epoch"]
     # a warm-up checkpoint recommends as it was trained and validated: with the ID pathway alone
     from benchmarks.per_user import ndcg_at_10_per_user, split_histories, user_vectors_after
     from train.recommend import RunRecommender

@@ -103,6 +103,9 @@ class EvalConfig:
     # "each_best" (after every validation round that improves the best, with the weights of then: the same
     # numbers, read during training) or "never" (tuning studies: test is not touched).
     test: str = "end"
+    # Validate during train.id_warmup_epochs too (for the curve; those rounds never select the best epoch or count
+    # toward patience, so false changes no result and saves their time).
+    in_warmup: bool = True
 
 
 @dataclass
@@ -151,6 +154,7 @@ class Config:
         tree["train"].pop("max_epochs")
         tree["eval"].pop("batch_size")
         tree["eval"].pop("test")
+        tree["eval"].pop("in_warmup")
         tree["data"].pop("path")
         tree["data"].pop("extract_batch_size")
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

@@ -245,7 +245,8 @@ class Trainer:
             self._log_signals(signals)
             s["epoch"], s["step_in_epoch"] = epoch + 1, 0
             last = s["epoch"] >= cfg.train.max_epochs
-            if (epoch + 1) % cfg.eval.every == 0 or last:
+            skip_warmup = in_id_warmup(cfg, epoch) and not cfg.eval.in_warmup
+            if ((epoch + 1) % cfg.eval.every == 0 or last) and not skip_warmup:
                 self._validate(epoch, elapsed)
             if (epoch + 1) % cfg.eval.every == 0 or last or s["stopped_early"]:
                 self._checkpoint(s["epoch"], 0)
