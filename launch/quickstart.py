@@ -5,6 +5,7 @@ prepare (procedural JPEGs, titles, categories, histories) -> extract (image and 
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ from data_shards.sources.synthetic import generate_synthetic
 from train.config import load_config
 from train.report import write_report
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+# configs/ of the source tree, installed as the package cammsr_configs (pyproject.toml); a real file either way
+CONFIG = Path(str(importlib.resources.files("cammsr_configs") / "quickstart.yaml"))
 
 
 def _stage(title: str) -> float:
@@ -45,7 +47,8 @@ def run_quickstart(run_dir: Path, num_items: int, num_users: int, seed: int, ove
 
     results = {}
     for step, model in (("3/5", "cammsr"), ("4/5", "sasrec")):
-        start = _stage(f"{step} train {model.upper()} (validation each epoch, test at the best one)")
+        start = _stage(f"{step} train {model.upper()} (validation each epoch; test once, with the best epoch's "
+                       "checkpoint)")
         results[model] = _train(data_dir, run_dir / model, [f"model.name={model}", *overrides])
         timings[f"train_{model}_s"] = time.perf_counter() - start
 

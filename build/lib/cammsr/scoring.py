@@ -1,0 +1,158 @@
+"""Scoring users against the item catalogue (Eq. 15, 19) without materialising [users x items x d].
+
+Conventions: `candidates` is a [N + 1, D] table indexed by item id; row 0 is padding and never a candidate.
+User vectors are [R, D]; for several modalities D = M * d, which makes the single dot product equal to
+the sum of the per-modality dot products of Eq. 15. Targets are item ids in 1..N; 0 marks a row to ignore.
+Everything is computed in fp32, also under autocast.
+
+Ties: `target_ranks` gives rank = 1 + the number of items scoring strictly higher than the target, and the
+number of items scoring exactly as the target does (the target included); `cammsr.metrics` turns the pair into the
+metrics' expectation under a random order of the tied items. Both are independent of item order; the target's own
+score is read from the same matmul that scores the others. `top_k_items` lists tied items by ascending id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float() for t in tensors]
+
+
+def _chunks(num_rows: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    """Item-id ranges [start, end) covering ids 1..num_rows-1 (row 0 is padding)."""
+    for start in range(1, num_rows, chunk_size):
+        yield start, min(start + chunk_size, num_rows)
+
+
+def _row_weights(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = (targets > 0).float()
+    return weights, weights.sum().clamp_min(1.0)
+
+
+class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean CE over all items, one item chunk at a time in forward and backward (logits are recomputed)."""
+
+    @staticmethod
+    def forward(ctx, user, candidates, targets, chunk_size):
+        lse = torch.full((user.shape[0],), float("-inf"), device=user.device)
+        for start, end in _chunks(candidates.shape[0], chunk_size):
+            lse = torch.logaddexp(lse, torch.logsumexp(user @ candidates[start:end].T, dim=1))
+        target_logit = (user * candidates[targets]).sum(dim=1)
+        weights, count = _row_weights(targets)
+        ctx.save_for_backward(user, candidates, targets, lse, weights / count)
+        ctx.chunk_size = chunk_size
+        return ((lse - target_logit) * weights).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        user, candidates, targets, lse, row_scale = ctx.saved_tensors
+        scale = grad_output * row_scale
+        grad_user = -scale[:, None] * candidates[targets]
+        grad_candidates = torch.zeros_like(candidates)
+        grad_candidates.index_add_(0, targets, -scale[:, None] * user)
+        for start, end in _chunks(candidates.shape[0], ctx.chunk_size):
+            chunk = candidates[start:end]
+            probs = torch.exp(user @ chunk.T - lse[:, None]) * scale[:, None]
+            grad_user += probs @ chunk
+            grad_candidates[start:end] += probs.T @ user
+        return grad_user, grad_candidates, None, None
+
+
+def full_softmax_cross_entropy(user: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor,
+                               chunk_size: int) -> torch.Tensor:
+    """Eq. 19: mean over non-ignored rows of -log softmax over items 1..N of the target's score.
+
+    Catalogues larger than `chunk_size` go through a chunked autograd function whose memory is
+    O(R x chunk_size) in forward and backward.
+    """
+    with torch.autocast(device_type=user.device.type, enabled=False):
+        user, candidates = _fp32(user, candidates)
+        if candidates.shape[0] - 1 > chunk_size:
+            return _ChunkedSoftmaxCrossEntropy.apply(user, candidates, targets, chunk_size)
+        losses = F.cross_entropy(user @ candidates[1:].T, targets - 1, ignore_index=-1, reduction="none")
+        weights, count = _row_weights(targets)
+        return (losses * weights).sum() / count
+
+
+def sampled_softmax_cross_entropy(user: torch.Tensor, target_vectors: torch.Tensor, targets: torch.Tensor,
+                                  negative_vectors: torch.Tensor, negative_ids: torch.Tensor,
+                                  negative_log_q: torch.Tensor | None = None,
+                                  target_log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the target and S negatives shared by all rows, with logQ correction.
+
+    user, target_vectors [R, D]; negative_vectors [S, D]; log_q = log of each item's sampling probability
+    (omit for uniform sampling, where the correction is a constant). A negative equal to the row's target
+    (an accidental hit) is removed from that row.
+    """
+    with torch.autocast(device_type=user.device.type, enabled=False):
+        user, target_vectors, negative_vectors = _fp32(user, target_vectors, negative_vectors)
+        positive = (user * target_vectors).sum(dim=1, keepdim=True)
+        negative = user @ negative_vectors.T
+        if target_log_q is not None:
+            positive = positive - target_log_q.float()[:, None]
+        if negative_log_q is not None:
+            negative = negative - negative_log_q.float()[None, :]
+        negative = negative.masked_fill(negative_ids[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        losses = -logits.log_softmax(dim=1)[:, 0]
+        weights, count = _row_weights(targets)
+        return (losses * weights).sum() / count
+
+
+def _offset(scores: torch.Tensor, score_offset: torch.Tensor | None) -> torch.Tensor:
+    return scores if score_offset is None else scores + score_offset.float()[:, None]
+
+
+class TargetRanks(NamedTuple):
+    """rank [R]: 1 + items scoring strictly higher than the target; ties [R]: items scoring equal, target included."""
+    rank: torch.Tensor
+    ties: torch.Tensor
+
+
+@torch.no_grad()
+def target_ranks(user: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                 score_offset: torch.Tensor | None = None) -> TargetRanks:
+    """Rank (1 = best) of each row's target among items 1..N and its tie count; see the module docstring."""
+    with torch.autocast(device_type=user.device.type, enabled=False):
+        user, candidates = _fp32(user, candidates)
+        target_score = torch.zeros(user.shape[0], device=user.device)
+        for start, end in _chunks(candidates.shape[0], chunk_size):
+            scores = _offset(user @ candidates[start:end].T, score_offset)
+            inside = (targets >= start) & (targets < end)
+            column = (targets - start).clamp(0, end - start - 1)
+            target_score = torch.where(inside, scores.gather(1, column[:, None]).squeeze(1), target_score)
+        greater = torch.zeros(user.shape[0], dtype=torch.long, device=user.device)
+        equal = torch.zeros(user.shape[0], dtype=torch.long, device=user.device)
+        for start, end in _chunks(candidates.shape[0], chunk_size):
+            scores = _offset(user @ candidates[start:end].T, score_offset)
+            greater += (scores > target_score[:, None]).sum(dim=1)
+            equal += (scores == target_score[:, None]).sum(dim=1)
+    return TargetRanks(greater + 1, equal.clamp_min(1))
+
+
+@torch.no_grad()
+def top_k_items(user: torch.Tensor, candidates: torch.Tensor, k: int, chunk_size: int,
+                score_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k items (ids in 1..N) per row and their scores, keeping only k per row across chunks; equal scores
+    in ascending id order (a stable sort over ids kept in ascending order)."""
+    with torch.autocast(device_type=user.device.type, enabled=False):
+        user, candidates = _fp32(user, candidates)
+        best_scores = user.new_empty(user.shape[0], 0)
+        best_ids = torch.empty(user.shape[0], 0, dtype=torch.long, device=user.device)
+        for start, end in _chunks(candidates.shape[0], chunk_size):
+            scores = _offset(user @ candidates[start:end].T, score_offset)
+            ids = torch.arange(start, end, device=user.device).expand_as(scores)
+            merged_scores = torch.cat([best_scores, scores], dim=1)
+            merged_ids = torch.cat([best_ids, ids], dim=1)
+            order = merged_ids.argsort(dim=1)  # earlier chunks' survivors can follow a tied id of this chunk
+            merged_scores, merged_ids = merged_scores.gather(1, order), merged_ids.gather(1, order)
+            sorted_scores, index = merged_scores.sort(dim=1, descending=True, stable=True)
+            keep = min(k, merged_scores.shape[1])
+            best_scores, best_ids = sorted_scores[:, :keep], merged_ids.gather(1, index[:, :keep])
+    return best_scores, best_ids
