@@ -9,17 +9,8 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bundle="${1:-.gpu}"; out="${OUT:-runs/bare_gpu}"; runs=runs/bare_gpu
-start=$(date +%s); deadline=$((start + ${BUDGET_S:-480}))
-elapsed() { echo "+$(( $(date +%s) - start ))s"; }
-mkdir -p "$out" "$runs" data
-exec > >(tee -a "$out/session.log") 2>&1
-echo "start $(date -u)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; lscpu | grep -E "Model name|^CPU\(s\)"
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bare_gpu_site \
-  "$bundle"/whl/*.whl || exit 1
-cp "$bundle/wds2idx.py" /tmp/bare_gpu_site/
-export PYTHONPATH=/tmp/bare_gpu_site:$PWD PYTHONUNBUFFERED=1
-[[ -d data/beauty ]] || tar xzf "$bundle/data/beauty.tgz" -C data || exit 1
+# shellcheck source=session.sh
+. benchmarks/bare_gpu/session.sh
 python3 -c "import sys, torch, deepspeed; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')" || exit 1
 collect() { tar czf "$out/runs.tgz" --exclude=checkpoints -C "$runs" . ; }

@@ -11,17 +11,10 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bundle="${1:-.gpu}"; out="${OUT:-runs/bare_gpu}"; runs=runs/beauty
-start=$(date +%s); deadline=$((start + ${BUDGET_S:-480}))
-elapsed() { echo "+$(( $(date +%s) - start ))s"; }
-mkdir -p "$out/results" "$runs" data
-exec > >(tee -a "$out/session.log") 2>&1
-echo "start $(date -u); commit $(git rev-parse --short HEAD 2>/dev/null)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; lscpu | grep -E "Model name|^CPU\(s\)"
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bare_gpu_site \
-  "$bundle"/whl/*.whl || exit 1
-cp "$bundle/wds2idx.py" /tmp/bare_gpu_site/
-export PYTHONPATH=/tmp/bare_gpu_site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
-[[ -d data/beauty ]] || tar xzf "$bundle/data/beauty.tgz" -C data || exit 1
+# shellcheck source=session.sh
+. benchmarks/bare_gpu/session.sh
+export OMP_NUM_THREADS=3
+mkdir -p "$out/results"
 collect() { tar czf "$out/runs.tgz" --exclude=checkpoints -C "$runs" . ; }
 trap collect EXIT
 declare -A config=([cammsr_paper]=configs/beauty_paper.yaml [sasrec_paper]=configs/beauty_paper.yaml
