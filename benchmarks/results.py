@@ -8,9 +8,7 @@ named numbers for the section table), ranking (how ties were counted), machine, 
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks.machine import describe_machine
@@ -38,13 +36,6 @@ def current_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + (" + changes" if dirty else "")
-
-
-def this_command() -> str:
-    """The command line of this process as `python -m MODULE ARGS` (benchmarks run as modules)."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    program = f"python -m {spec.name}" if spec is not None else shlex.quote(sys.argv[0])
-    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
 def write_record(record_id: str, *, area: str, claim: str, metric: str, ours: float, command: str,

@@ -140,7 +140,7 @@ def target_ranks(user: torch.Tensor, candidates: torch.Tensor, targets: torch.Te
 def top_k_items(user: torch.Tensor, candidates: torch.Tensor, k: int, chunk_size: int,
                 score_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best k items (ids in 1..N) per row and their scores, keeping only k per row across chunks; equal scores
-    in ascending id order (a stable sort over ids kept in ascending order)."""
+    in ascending id order."""
     with torch.autocast(device_type=user.device.type, enabled=False):
         user, candidates = _fp32(user, candidates)
         best_scores = user.new_empty(user.shape[0], 0)
@@ -150,8 +150,7 @@ def top_k_items(user: torch.Tensor, candidates: torch.Tensor, k: int, chunk_size
             ids = torch.arange(start, end, device=user.device).expand_as(scores)
             merged_scores = torch.cat([best_scores, scores], dim=1)
             merged_ids = torch.cat([best_ids, ids], dim=1)
-            order = merged_ids.argsort(dim=1)  # earlier chunks' survivors can follow a tied id of this chunk
-            merged_scores, merged_ids = merged_scores.gather(1, order), merged_ids.gather(1, order)
+            # stable: the survivors (lower ids, ties already by id) stay ahead of this chunk's tied ids
             sorted_scores, index = merged_scores.sort(dim=1, descending=True, stable=True)
             keep = min(k, merged_scores.shape[1])
             best_scores, best_ids = sorted_scores[:, :keep], merged_ids.gather(1, index[:, :keep])

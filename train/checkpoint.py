@@ -138,7 +138,7 @@ class Checkpointer:
         folder = self.root / tag
         sparse = {"sparse": table.weight_state()}
         dcp.load(sparse, checkpoint_id=str(folder / "sparse"))
-        table.load_sharded_state(sparse["sparse"])
+        table.load_weight_state(sparse["sparse"])
         self._load_engine(folder, engine)
 
     @staticmethod

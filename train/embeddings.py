@@ -126,12 +126,15 @@ class TorchItemTable(nn.Module):
     def load_sharded_state(self, state: dict) -> None:
         self.weight.copy_(state["weight"])
         for name, buffer in self.named_buffers():
-            if name in state:  # a weights-only state (weight_state) keeps the optimizer's buffers
-                buffer.copy_(state[name])
+            buffer.copy_(state[name])
 
     def weight_state(self) -> dict:
         """The part of sharded_state that scores: the rows, without the optimizer's state."""
         return {"weight": self.weight.data}
+
+    @torch.no_grad()
+    def load_weight_state(self, state: dict) -> None:
+        self.weight.copy_(state["weight"])
 
 
 class _Collection(nn.Module):
@@ -256,13 +259,15 @@ class TorchRecItemTable(nn.Module):
         return {"model": self.dmp.state_dict(), "optim": self.dmp.fused_optimizer.state_dict()}
 
     def load_sharded_state(self, state: dict) -> None:
-        self.dmp.load_state_dict(state["model"])
-        if "optim" in state:  # a weights-only state (weight_state) keeps the optimizer's
-            self.dmp.fused_optimizer.load_state_dict(state["optim"])
+        self.load_weight_state(state)
+        self.dmp.fused_optimizer.load_state_dict(state["optim"])
 
     def weight_state(self) -> dict:
         """The part of sharded_state that scores: the table's shards, without the fused optimizer's state."""
         return {"model": self.dmp.state_dict()}
+
+    def load_weight_state(self, state: dict) -> None:
+        self.dmp.load_state_dict(state["model"])
 
 
 def build_item_table(num_items: int, dim: int, backend: str, sharding: str, optimizer: str, lr: float,

@@ -353,7 +353,8 @@ class Trainer:
         s = self.state
         if self.cfg.eval.test != "end" or s["best_tag"] is None or s["best_test"] is not None:
             return
-        self.checkpointer.load_weights(s["best_tag"], self.table, self.engine)
+        if s["best_tag"] != self.checkpointer.latest_tag():  # else the weights in memory are the best round's
+            self.checkpointer.load_weights(s["best_tag"], self.table, self.engine)
         self.set_id_warmup(s["best_epoch"])
         s["best_test"] = self._test()
         _log(self.env, f"test at the best validation epoch {s['best_epoch']} (checkpoint {s['best_tag']}): "
