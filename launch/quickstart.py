@@ -42,7 +42,7 @@ def run_quickstart(run_dir: Path, num_items: int, num_users: int, seed: int, ove
     cfg = load_config(CONFIG, [f"data.path={data_dir}", *overrides])
     start = _stage("2/5 extract: image and text encoders -> feature store")
     extract_features(data_dir, ExtractOptions(text_encoder=cfg.data.text_encoder, image_encoder=cfg.data.image_encoder,
-                                              batch_size=cfg.data.extract_batch_size))
+                                              image_size=cfg.data.image_size, batch_size=cfg.data.extract_batch_size))
     timings["extract_s"] = time.perf_counter() - start
 
     results = {}

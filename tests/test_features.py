@@ -110,6 +110,20 @@ def test_reuse_rebuild_and_partial_stores(tmp_path, encoder_cache, capsys):
     assert np.array_equal(np.array(rebuilt["text"].features), first_text)  # deterministic
 
 
+def test_image_size_is_part_of_the_store_fingerprint(tmp_path, encoder_cache, capsys):
+    root = _dataset(tmp_path)
+    full = np.array(extract_features(root, _options(encoder_cache, modalities=("image",)))["image"].features)
+    capsys.readouterr()
+    small = extract_features(root, _options(encoder_cache, modalities=("image",), image_size=112))["image"]
+    assert "reusing" not in capsys.readouterr().out
+    assert small.meta["preprocessing"]["crop"] == 112 and "image_size=112" in small.meta["encoder"]
+    rows = np.array(small.features)
+    assert rows.shape == full.shape and np.array_equal(rows.any(axis=1), full.any(axis=1))
+    assert not np.array_equal(rows, full)
+    with pytest.raises(ValueError, match="image_size=100 must be a positive multiple of the patch size 14"):
+        extract_features(root, _options(encoder_cache, modalities=("image",), image_size=100, force=True))
+
+
 def test_pil_fallback_matches_dali(tmp_path, encoder_cache):
     root = _dataset(tmp_path)
     dali = np.array(extract_features(root, _options(encoder_cache, modalities=("image",),

@@ -31,6 +31,9 @@ class DataConfig:
     build_features: bool = True  # build missing text/image feature stores before training
     text_encoder: str = "default"
     image_encoder: str = "default"
+    # Square input side of the image encoder; 0 = the encoder's own (224 for the default DINOv2). A multiple of
+    # the patch size (14 for the default); below the pictures' own size it saves encoder time, not information.
+    image_size: int = 0
     extract_batch_size: int = 64
     # Catalogue items beyond the dataset's (ids num_items+1 .. num_items+extra_items) with no interactions and no
     # features: they get ID rows, can be drawn as negatives and are ranked in evaluation. For scaling runs of
@@ -338,7 +341,8 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     for key, value in [("train.warmup_steps", t.warmup_steps), ("train.grad_clip", t.grad_clip),
                        ("train.weight_decay", t.weight_decay), ("eval.patience", cfg.eval.patience),
                        ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("eval.max_users", cfg.eval.max_users),
-                       ("data.extra_items", cfg.data.extra_items), ("train.id_warmup_epochs", t.id_warmup_epochs),
+                       ("data.extra_items", cfg.data.extra_items), ("data.image_size", cfg.data.image_size),
+                       ("train.id_warmup_epochs", t.id_warmup_epochs),
                        ("train.negative_sampler_exponent", t.negative_sampler_exponent)]:
         if value < 0:
             raise ConfigError(f"{key}={value!r}: must be >= 0")

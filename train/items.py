@@ -53,7 +53,7 @@ def _alone():
 
 
 def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, text_encoder: str,
-                          image_encoder: str, batch_size: int, wait_s: float = 4 * 3600) -> None:
+                          image_encoder: str, image_size: int, batch_size: int, wait_s: float = 4 * 3600) -> None:
     """Make the stores current BEFORE the process group exists (extraction can outlast a collective timeout):
     global rank 0, as a single process, reuses each store whose fingerprint matches the configured encoder and
     rebuilds a missing or stale one; the other ranks wait for complete stores to appear (on a shared file
@@ -73,7 +73,7 @@ def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, 
         from data_shards.features.extract import ExtractOptions, extract_features
         with _alone():
             extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
-                                                       batch_size=batch_size, modalities=tuple(needed)))
+                                                       image_size=image_size, batch_size=batch_size, modalities=tuple(needed)))
         return
     deadline = time.time() + wait_s
     while any(open_store(data, m) is None for m in missing):

@@ -343,12 +343,25 @@ def load_image_encoder(name_or_path: str = "default", cache_dir: Path | None = N
         size, mean, std = _processor_settings(load_from, kwargs, model.config)
         size = int(image_size or size)
     config = model.config
+    _check_image_size(name_or_path, config, size)
     spec = EncoderSpec(
         modality="image", name=name_or_path, source=source, architecture=config.model_type,
         dim=int(config.hidden_size), pooling="cls", weights_hash=_weights_hash(model),
         options={"image_size": size, "mean": tuple(mean), "std": tuple(std)})
     encoder = ImageEncoder(model, spec, image_size=size, mean=mean, std=std, converted=converted)
     return encoder.to(_resolve_device(device))
+
+
+def _check_image_size(name_or_path: str, config, size: int) -> None:
+    """DINOv2 interpolates its position grid to any multiple of its patch; the other supported families are
+    called without interpolation, so they take their own size only."""
+    patch = int(config.patch_size)
+    if size <= 0 or size % patch:
+        raise ValueError(f"{name_or_path}: image_size={size} must be a positive multiple of the patch size {patch}")
+    own = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    if not config.model_type.startswith("dinov2") and size != own:
+        raise ValueError(f"{name_or_path}: image_size={size}: a {config.model_type} model takes its own input "
+                         f"size {own} only (position embeddings are not interpolated)")
 
 
 def _processor_settings(load_from: str, kwargs: dict, config) -> tuple[int, tuple, tuple]:

@@ -29,6 +29,7 @@ IMAGE_READERS = ("auto", "dali", "pil")
 class ExtractOptions:
     text_encoder: str = "default"
     image_encoder: str = "default"
+    image_size: int = 0  # the image encoder's input side; 0 = its own
     batch_size: int = 64
     image_reader: str = "auto"
     force: bool = False
@@ -147,7 +148,8 @@ def _load_encoder(modality: str, options: ExtractOptions, device: torch.device):
     """The encoder and the fingerprint of the store it would produce on ``data``."""
     if modality == "text":
         return load_text_encoder(options.text_encoder).to(device), {}
-    encoder = load_image_encoder(options.image_encoder, cache_dir=options.encoder_cache).to(device)
+    encoder = load_image_encoder(options.image_encoder, cache_dir=options.encoder_cache,
+                                 image_size=options.image_size or None).to(device)
     return encoder, _image_preprocessing(encoder).as_dict()
 
 
