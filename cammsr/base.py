@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .mscl import pair_loss
-from .scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy, target_ranks, top_k_items
+from .scoring import full_softmax_cross_entropy, sampled_recommendation_loss, target_ranks, top_k_items
 
 
 @dataclass
@@ -48,14 +48,17 @@ class ModelOutput:
 
 @dataclass
 class SampledCandidates:
-    """Inputs of the sampled softmax, built by the trainer with `item_candidates` on the sampled rows.
-    target_vectors [B(, L), M, d]; negative_vectors [S, M, d]; negative_ids [S]; log_q: log sampling probs."""
+    """Inputs of the sampled losses, built by the trainer with `item_candidates` on the sampled rows.
+    target_vectors [T, M, d] of the scored targets (targets > 0, in row order); negatives shared by all rows
+    (negative_vectors [S, M, d], negative_ids [S]) or each target's own ([T, S, M, d], [T, S]); log_q: log
+    sampling probabilities (None: uniform); sampling_rate: S / (N - 1), what gBCE calibrates with."""
 
     target_vectors: torch.Tensor
     negative_vectors: torch.Tensor
     negative_ids: torch.Tensor
     negative_log_q: torch.Tensor | None = None
     target_log_q: torch.Tensor | None = None
+    sampling_rate: float = 0.0
 
 
 @dataclass
@@ -99,12 +102,9 @@ class SequentialRecommender(nn.Module):
                                                         self.cfg.score_chunk_size)
         else:
             if sampled is None:
-                raise ValueError("loss_type='sampled_softmax' needs sampled candidates")
-            recommendation = sampled_softmax_cross_entropy(
-                user, sampled.target_vectors.reshape(user.shape), flat_targets,
-                sampled.negative_vectors.flatten(1), sampled.negative_ids,
-                sampled.negative_log_q,
-                None if sampled.target_log_q is None else sampled.target_log_q.reshape(-1))
+                raise ValueError(f"loss_type={self.cfg.loss_type!r} needs sampled candidates")
+            recommendation = sampled_recommendation_loss(user, flat_targets, sampled, self.cfg.loss_type,
+                                                         self.cfg.gbce_t)
         zero = recommendation.new_zeros(())
         real = torch.ones(output.valid.shape[0], dtype=torch.bool, device=output.valid.device)
         mscl = sum((pair_loss(z_i, z_j, real, output.valid, self.cfg) for z_i, z_j in output.mscl_views),

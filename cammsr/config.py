@@ -22,7 +22,7 @@ _CHOICES = {
     "mscl_reduction": ("mean", "sum"),
     "mscl_pair_reduction": ("sum", "mean"),
     "mscl_anchors": ("last", "every_prefix"),
-    "loss_type": ("full_softmax", "sampled_softmax"),
+    "loss_type": ("full_softmax", "sampled_softmax", "gbce"),
     "init_method": ("xavier_normal", "xavier_uniform", "normal"),
     "feature_normalization": ("none", "standardize"),
 }
@@ -132,9 +132,11 @@ class ModelConfig:
     # negatives. Prefix mode has one prefix per row: "last" is the paper's batch there.
     mscl_anchors: str = "last"
 
-    # Recommendation loss (Eq. 19): full softmax over all items, or sampled softmax with shared negatives
-    # and logQ correction for huge catalogues (negatives are drawn by the trainer).
+    # Recommendation loss (Eq. 19): full softmax over all items; or, with negatives drawn by the trainer
+    # (train.num_negatives, train.negative_sharing), sampled softmax with logQ correction, or gBCE (gSASRec's
+    # generalised BCE, calibration gbce_t: 0 = plain BCE, 1 = fully calibrated; gSASRec's default 0.75).
     loss_type: str = "full_softmax"
+    gbce_t: float = 0.75
     score_chunk_size: int = 65536  # items per chunk when scoring the catalogue
 
     def __post_init__(self) -> None:
@@ -169,6 +171,8 @@ class ModelConfig:
         for name in ("hidden_dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _fail(name, getattr(self, name), "must be in [0, 1)")
+        if not 0.0 <= self.gbce_t <= 1.0:
+            _fail("gbce_t", self.gbce_t, "must be in [0, 1]")
         if not 0.0 <= self.mscl_swap_prob <= 1.0:
             _fail("mscl_swap_prob", self.mscl_swap_prob, "must be in [0, 1]")
         for name in ("mscl_temperature", "dyt_alpha_init", "layer_norm_eps"):

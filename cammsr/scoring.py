@@ -80,29 +80,77 @@ def full_softmax_cross_entropy(user: torch.Tensor, candidates: torch.Tensor, tar
         return (losses * weights).sum() / count
 
 
+def sampled_logits(user: torch.Tensor, target_vectors: torch.Tensor, targets: torch.Tensor,
+                   negative_vectors: torch.Tensor, negative_ids: torch.Tensor,
+                   negative_log_q: torch.Tensor | None = None, target_log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [R, 1 + S] in fp32: column 0 the row's target, then its S negatives, shared by all rows
+    (negative_vectors [S, D], ids and log_q [S]) or each row's own ([R, S, D], [R, S]). log_q = log of each item's
+    sampling probability, subtracted (logQ correction; omit for uniform sampling, where it is a constant). A
+    negative equal to the row's target (an accidental hit) is -inf: removed from that row."""
+    with torch.autocast(device_type=user.device.type, enabled=False):
+        user, target_vectors, negative_vectors = _fp32(user, target_vectors, negative_vectors)
+        positive = (user * target_vectors).sum(dim=1, keepdim=True)
+        if negative_vectors.dim() == 2:
+            negative = user @ negative_vectors.T
+            negative_ids = negative_ids[None, :]
+        else:
+            negative = torch.einsum("rd,rsd->rs", user, negative_vectors)
+        if target_log_q is not None:
+            positive = positive - target_log_q.float()[:, None]
+        if negative_log_q is not None:
+            log_q = negative_log_q.float()
+            negative = negative - (log_q[None, :] if log_q.dim() == 1 else log_q)
+        negative = negative.masked_fill(negative_ids == targets[:, None], float("-inf"))
+        return torch.cat([positive, negative], dim=1)
+
+
+def _row_mean(losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    weights, count = _row_weights(targets)
+    return (losses * weights).sum() / count
+
+
 def sampled_softmax_cross_entropy(user: torch.Tensor, target_vectors: torch.Tensor, targets: torch.Tensor,
                                   negative_vectors: torch.Tensor, negative_ids: torch.Tensor,
                                   negative_log_q: torch.Tensor | None = None,
                                   target_log_q: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over the target and S negatives shared by all rows, with logQ correction.
+    """Mean over non-ignored rows of -log softmax of the target among itself and its negatives (`sampled_logits`)."""
+    logits = sampled_logits(user, target_vectors, targets, negative_vectors, negative_ids, negative_log_q,
+                            target_log_q)
+    return _row_mean(-logits.log_softmax(dim=1)[:, 0], targets)
 
-    user, target_vectors [R, D]; negative_vectors [S, D]; log_q = log of each item's sampling probability
-    (omit for uniform sampling, where the correction is a constant). A negative equal to the row's target
-    (an accidental hit) is removed from that row.
-    """
-    with torch.autocast(device_type=user.device.type, enabled=False):
-        user, target_vectors, negative_vectors = _fp32(user, target_vectors, negative_vectors)
-        positive = (user * target_vectors).sum(dim=1, keepdim=True)
-        negative = user @ negative_vectors.T
-        if target_log_q is not None:
-            positive = positive - target_log_q.float()[:, None]
-        if negative_log_q is not None:
-            negative = negative - negative_log_q.float()[None, :]
-        negative = negative.masked_fill(negative_ids[None, :] == targets[:, None], float("-inf"))
-        logits = torch.cat([positive, negative], dim=1)
-        losses = -logits.log_softmax(dim=1)[:, 0]
-        weights, count = _row_weights(targets)
-        return (losses * weights).sum() / count
+
+def gbce_beta(sampling_rate: float, t: float) -> float:
+    """gSASRec's calibration exponent: beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = S / (N - 1) the negative
+    sampling rate; t = 0 gives plain BCE (beta = 1), t = 1 gives beta = alpha."""
+    return sampling_rate * (t * (1.0 - 1.0 / sampling_rate) + 1.0 / sampling_rate)
+
+
+def gbce_loss(user: torch.Tensor, target_vectors: torch.Tensor, targets: torch.Tensor,
+              negative_vectors: torch.Tensor, negative_ids: torch.Tensor, beta: float) -> torch.Tensor:
+    """gBCE (Petrov & Macdonald, gSASRec, RecSys 2023): per row -(log sigma(s+)^beta + sum_j log(1 - sigma(s_j)))
+    / (S + 1), i.e. BCE with the positive's probability raised to beta, which undoes the overconfidence that
+    negative sampling teaches; mean over non-ignored rows. Accidental hits contribute nothing (log(1 - 0))."""
+    logits = sampled_logits(user, target_vectors, targets, negative_vectors, negative_ids)
+    positive, negative = logits[:, 0], logits[:, 1:]
+    losses = (beta * F.softplus(-positive) + F.softplus(negative).sum(dim=1)) / logits.shape[1]
+    return _row_mean(losses, targets)
+
+
+def sampled_recommendation_loss(user: torch.Tensor, targets: torch.Tensor, sampled, loss_type: str,
+                                gbce_t: float) -> torch.Tensor:
+    """The recommendation loss of a sampled `loss_type` ("sampled_softmax" | "gbce") on the rows of `user` [R, D]
+    whose targets [R] are > 0; `sampled` (cammsr.base.SampledCandidates) holds the vectors of those scored targets,
+    in row order, and of the negatives (shared [S, M, d] or per scored target [T, S, M, d])."""
+    scored = targets > 0
+    user, targets = user[scored], targets[scored]
+    target_vectors = sampled.target_vectors.reshape(user.shape)
+    negative_vectors = sampled.negative_vectors.flatten(-2)
+    if loss_type == "gbce":
+        return gbce_loss(user, target_vectors, targets, negative_vectors, sampled.negative_ids,
+                         gbce_beta(sampled.sampling_rate, gbce_t))
+    target_log_q = None if sampled.target_log_q is None else sampled.target_log_q.reshape(-1)
+    return sampled_softmax_cross_entropy(user, target_vectors, targets, negative_vectors, sampled.negative_ids,
+                                         sampled.negative_log_q, target_log_q)
 
 
 def _offset(scores: torch.Tensor, score_offset: torch.Tensor | None) -> torch.Tensor:

@@ -1,14 +1,16 @@
-"""Sampled softmax in the trainer: negatives shared by the global batch and drawn per global step, 2 processes ==
-1 process (gloo, real launcher), the command trains with it, and with as many uniform negatives as items it is
-close to the full softmax. Also: the fixed evaluation subset (eval.max_users)."""
+"""Sampled losses in the trainer: negatives shared by the global batch and drawn per global step, or drawn per
+scored target; sampled softmax and gBCE; 2 processes == 1 process (gloo, real launcher), the command trains with
+them, and with as many uniform negatives as items the sampled softmax is close to the full softmax. Also: the fixed
+evaluation subset (eval.max_users)."""
 import json
+import math
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from cammsr.scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy
+from cammsr.scoring import full_softmax_cross_entropy, gbce_beta, gbce_loss, sampled_softmax_cross_entropy
 from conftest import PY, ROOT, write_tiny_dataset
 from test_train_distributed import TINY, _run, _train_cmd
 from train.negatives import NegativeSampler
@@ -39,6 +41,60 @@ def test_negatives_are_drawn_per_step_from_the_distribution():
     assert ids.min() == 1 and ids.max() == 5 and uniform.log_q(ids) is None
 
 
+def test_per_target_negatives_are_a_function_of_the_target_key():
+    counts = np.array([0, 100, 10, 0, 1, 50])
+    sampler = NegativeSampler("popularity", 6, 4000, seed=3, counts=counts)
+    keys = torch.tensor([5, 17, 2, 99])
+    draws = sampler.draw_per_target(7, keys)
+    assert draws.shape == (4, 4000) and draws.dtype == torch.int64
+    # another rank holding the same targets in another order draws the same ids for each of them
+    other = NegativeSampler("popularity", 6, 4000, seed=3, counts=counts.copy())
+    assert torch.equal(other.draw_per_target(7, keys.flip(0)), draws.flip(0))
+    assert not torch.equal(draws, sampler.draw_per_target(8, keys))  # a new step, new draws
+    assert not torch.equal(draws[0], draws[1])  # every target its own
+    q = np.where(counts > 0, counts.astype(float) ** 0.75, 0.0)
+    q /= q.sum()
+    frequency = np.bincount(draws.reshape(-1).numpy(), minlength=6) / draws.numel()
+    assert frequency[0] == 0 and frequency[3] == 0 and np.abs(frequency - q).max() < 0.01
+    uniform = NegativeSampler("uniform", 101, 500, seed=1).draw_per_target(0, torch.arange(40))
+    frequency = np.bincount(uniform.reshape(-1).numpy(), minlength=101) / uniform.numel()
+    assert uniform.min() == 1 and uniform.max() == 100 and np.abs(frequency[1:] - 0.01).max() < 0.003
+
+
+def test_per_target_negatives_tiled_from_a_shared_set_give_the_shared_loss():
+    generator = torch.Generator().manual_seed(2)
+    candidates = torch.randn(31, 8, generator=generator)
+    user = torch.randn(5, 8, generator=generator)
+    targets = torch.tensor([3, 7, 7, 12, 30])
+    shared = torch.tensor([7, 1, 2, 30, 9, 9])  # two rows hit a target: removed there
+    tiled = shared.expand(5, -1)
+    log_q = torch.log(torch.rand(6, generator=generator))
+    one = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[shared], shared, log_q)
+    each = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[tiled], tiled,
+                                         log_q.expand(5, -1))
+    torch.testing.assert_close(one, each)
+
+
+def test_gbce_matches_its_definition():
+    """gSASRec's loss: -(beta log sigma(s+) + sum_j log(1 - sigma(s_j))) / (S + 1) per row; beta from alpha, t."""
+    assert gbce_beta(0.01, 0.0) == pytest.approx(1.0) and gbce_beta(0.01, 1.0) == pytest.approx(0.01)
+    generator = torch.Generator().manual_seed(4)
+    candidates = torch.randn(21, 6, generator=generator)
+    user = torch.randn(3, 6, generator=generator)
+    targets = torch.tensor([2, 5, 9])
+    negatives = torch.tensor([[5, 1, 7], [5, 3, 4], [8, 8, 1]])  # row 1's first negative is its target
+    beta = gbce_beta(3 / 19, 0.75)
+    got = gbce_loss(user, candidates[targets], targets, candidates[negatives], negatives, beta)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    rows = []
+    for r in range(3):
+        positive = float(user[r] @ candidates[targets[r]])
+        term = beta * math.log(sigmoid(positive))
+        term += sum(math.log(1 - sigmoid(float(user[r] @ candidates[n]))) for n in negatives[r] if n != targets[r])
+        rows.append(-term / 4)
+    assert got.item() == pytest.approx(sum(rows) / 3, rel=1e-5)
+
+
 def test_uniform_with_as_many_negatives_as_items_approximates_full_softmax():
     """S = N - 1 uniform draws estimate the full partition function (logits spread ~1 here)."""
     generator = torch.Generator().manual_seed(0)
@@ -56,10 +112,17 @@ def test_uniform_with_as_many_negatives_as_items_approximates_full_softmax():
     assert float(sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[few], few)) < 0.6 * full
 
 
-def test_sampled_two_processes_equal_one_process(dataset, tmp_path):
-    """CAMMSR (ID + text + image rows of the same ids), popularity sampler with logQ, evaluation on a fixed subset
-    of 30 users: losses, ID table, dense weights within 1e-5 and identical metrics."""
-    overrides = [*TINY, *SAMPLED, "train.negative_sampler=popularity", "eval.max_users=30"]
+@pytest.mark.parametrize("recipe", [
+    ["model.loss_type=sampled_softmax", "train.negative_sampler=popularity"],
+    ["model.loss_type=gbce", "train.negative_sharing=per_target", "model.sequence_mode=all_positions",
+     "model.router_causal=true"],
+], ids=["shared-popularity-softmax", "per-target-gbce-all-positions"])
+def test_sampled_two_processes_equal_one_process(dataset, tmp_path, recipe):
+    """CAMMSR (ID + text + image rows of the same ids), evaluation on a fixed subset of 30 users: losses, ID table,
+    dense weights within 1e-5 and identical metrics; shared popularity negatives with logQ, and per-target
+    negatives (keyed by the target's place in the global sample order, so a target draws the same ids on any
+    rank) with gBCE."""
+    overrides = [*TINY, "train.num_negatives=16", *recipe, "eval.max_users=30"]
     dumps = {}
     for nproc in (1, 2):
         out = tmp_path / f"sampled{nproc}.pt"
@@ -109,14 +172,19 @@ def test_trainer_sampled_loss_with_all_items_matches_full_softmax(dataset, tmp_p
     assert abs(got["sampled"] - got["full"]) / got["full"] < 0.02, got
 
 
-def test_cammsr_train_with_sampled_softmax_learns(dataset, tmp_path):
+@pytest.mark.parametrize("recipe, described", [
+    (SAMPLED, "sampled softmax, 16 negatives shared per global step, uniform"),
+    (["model.loss_type=gbce", "train.num_negatives=16", "train.negative_sharing=per_target"],
+     "gbce, 16 negatives per scored target, uniform"),
+], ids=["shared-softmax", "per-target-gbce"])
+def test_cammsr_train_with_sampled_losses_learns(dataset, tmp_path, recipe, described):
     """`cammsr train` (SASRec, uniform negatives): the epoch loss goes down and evaluation runs on the subset."""
     run_dir = tmp_path / "run"
-    proc = _run(_train_cmd(dataset, run_dir, "model=sasrec", *SAMPLED, "train.lr=0.01", "model.hidden_dropout=0.0",
+    proc = _run(_train_cmd(dataset, run_dir, "model=sasrec", *recipe, "train.lr=0.01", "model.hidden_dropout=0.0",
                            "model.attn_dropout=0.0", "eval.max_users=40"))
     epoch_losses = [float(x) for x in re.findall(r"epoch \d+: loss ([0-9.]+)", proc.stdout)]
     assert len(epoch_losses) == 4, proc.stdout[-2000:]
-    assert epoch_losses[-1] < epoch_losses[0] - 0.1, epoch_losses
-    assert "16 shared negatives per global step, uniform" in proc.stdout
+    assert epoch_losses[-1] < epoch_losses[0] - 0.05, epoch_losses
+    assert described in proc.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["valid"]["count"] == 40 and metrics["test"]["count"] == 40

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -72,11 +72,14 @@ class TrainConfig:
     # batches shuffled, so a batch costs its own histories' length instead of the longest in the dataset (Beauty:
     # a random batch of 1024 almost always holds a 50-item history while the median window is 3). random: plain.
     batching: str = "by_length"
-    # model.loss_type=sampled_softmax: num_negatives item ids per GLOBAL step, shared by every row of the global
-    # batch and drawn identically on every rank from (seed, global step), with replacement. uniform: over all
-    # items 1..N; popularity: count^negative_sampler_exponent over the training interactions (items never in a
-    # training part are never drawn), with logQ correction. A negative equal to a row's target is removed there.
+    # model.loss_type=sampled_softmax | gbce: num_negatives item ids drawn with replacement, identically for every
+    # world size (train.negatives). negative_sharing: "shared" = one set per GLOBAL step for every row of the
+    # global batch (cheap: S rows looked up per step); "per_target" = each scored target its own S (as RecTools'
+    # SASRec, the public benchmark's recipe: T x S rows per step). uniform: over all items 1..N; popularity:
+    # count^negative_sampler_exponent over the training interactions (items never in a training part are never
+    # drawn), with logQ correction (sampled softmax only). A negative equal to a row's target is removed there.
     num_negatives: int = 1024
+    negative_sharing: str = "shared"  # shared | per_target
     negative_sampler: str = "uniform"  # uniform | popularity
     negative_sampler_exponent: float = 0.75
 
@@ -176,6 +179,7 @@ _CHOICES = {
     ("train", "batching"): ("by_length", "random"),
     ("train", "batch_unit"): ("samples", "targets"),
     ("train", "negative_sampler"): ("uniform", "popularity"),
+    ("train", "negative_sharing"): ("shared", "per_target"),
     ("embedding", "backend"): ("torchrec", "torch"),
     ("embedding", "sharding"): ("row_wise", "table_wise", "column_wise"),
     ("embedding", "optimizer"): ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"),
@@ -273,6 +277,12 @@ def _resolve_override_key(key: str, value) -> tuple[str, object]:
     if len(owners) > 1:
         raise ConfigError(f"ambiguous key {key!r}: write one of {', '.join(f'{s}.{key}' for s in owners)}")
     return f"{owners[0]}.{key}", value
+
+
+def is_config_key(dotted: str) -> bool:
+    """Whether `section.key` names a field of a config section."""
+    section, _, name = dotted.partition(".")
+    return section in _SECTION_TYPES and name in {f.name for f in fields(_SECTION_TYPES[section])}
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
@@ -375,9 +385,12 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
     if cfg.embedding.optimizer == "adam" and cfg.embedding.backend != "torch":
         raise ConfigError("embedding.optimizer='adam' needs embedding.backend=torch (TorchRec's fused tables have "
                           "no Adam kernel on CPU); use exact_rowwise_adagrad with torchrec")
-    if cfg.model.loss_type == "sampled_softmax" and t.num_negatives < 1:
+    if cfg.model.loss_type != "full_softmax" and t.num_negatives < 1:
         raise ConfigError(f"train.num_negatives={t.num_negatives!r}: must be >= 1 with model.loss_type="
-                          "'sampled_softmax'")
+                          f"{cfg.model.loss_type!r}")
+    if cfg.model.loss_type == "gbce" and t.negative_sampler != "uniform":
+        raise ConfigError(f"train.negative_sampler={t.negative_sampler!r}: gBCE's calibration assumes uniform "
+                          "negatives (model.loss_type='gbce'); use train.negative_sampler=uniform")
     if cfg.data.extra_items and cfg.model.name != "sasrec":
         raise ConfigError(f"data.extra_items={cfg.data.extra_items}: extra items have no text/image features or "
                           f"categories; use it with model.name=sasrec (got {cfg.model.name!r})")

@@ -32,10 +32,22 @@ class Batch:
     seq_len: torch.Tensor  # [B] long (>= 1; padding samples have a dummy length-1 sequence)
     targets: torch.Tensor  # [B] (prefix) or [B, L] (all_positions), 0 = ignore
     real: torch.Tensor  # [B] bool: False for padding samples
+    # [B] long, training batches only: each row's index in the global sample order (-1 for padding rows), the
+    # same for every world size (what keys per-target negatives)
+    samples: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.item_seq, self.seq_len, self.targets,
-                                                                  self.real)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.item_seq, self.seq_len, self.targets, self.real, self.samples)))
+
+    def target_keys(self, max_len: int) -> torch.Tensor:
+        """A world-size-independent key of each scored target (targets > 0), in `targets.reshape(-1)` order:
+        sample index (prefix rows) or sample index * max_len + position (all_positions windows)."""
+        scored = self.targets > 0
+        if self.targets.dim() == 1:
+            return self.samples[scored]
+        positions = torch.arange(self.targets.shape[1], device=self.targets.device)
+        return (self.samples[:, None] * max_len + positions[None, :])[scored]
 
     @property
     def num_targets(self) -> int:
@@ -164,6 +176,7 @@ class TrainPlan:
             targets = _windows(local.flat, start + last_target + 1, lengths, L)
         pad = width - len(samples)
         real = np.concatenate([np.ones(len(samples), bool), np.zeros(pad, bool)])
+        keys = np.concatenate([samples, np.full(pad, -1)]).astype(np.int64)
         if pad:
             dummy = np.zeros((pad, seqs.shape[1]), dtype=np.int64)
             dummy[:, 0] = 1  # a valid length-1 sequence (keeps attention finite); its target is ignored
@@ -172,7 +185,7 @@ class TrainPlan:
             target_pad = np.zeros((pad,) + targets.shape[1:], dtype=np.int64)
             targets = np.concatenate([targets, target_pad])
         return Batch(torch.from_numpy(seqs), torch.from_numpy(lengths.astype(np.int64)),
-                     torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real))
+                     torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real), torch.from_numpy(keys))
 
 
 def eval_order(local: LocalSequences, users: np.ndarray | None = None) -> np.ndarray:

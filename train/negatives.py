@@ -1,8 +1,12 @@
-"""Negatives of the sampled softmax: S item ids per GLOBAL step, shared by every row of the global batch.
+"""Negatives of the sampled losses (sampled softmax, gBCE): S item ids per GLOBAL step shared by every row of the
+global batch (`draw`), or S ids of each scored target's own (`draw_per_target`, as RecTools' SASRec draws them).
 
-Every rank draws the same ids for a step from a generator seeded with (seed, global step), so N processes compute
-what one process computes on the same global batch, and a resumed run draws what the uninterrupted one drew.
-Draws are with replacement (duplicates are kept: with logQ correction that is the unbiased estimator).
+Shared: every rank draws the same ids for a step from a generator seeded with (seed, global step). Per target: the
+ids are a counter-based hash of (seed, global step, the target's global key, j), the key being the target's
+position in the epoch's global sample order, so the draws of a target do not depend on which rank holds it. Either
+way N processes compute what one process computes on the same global batch, and a resumed run draws what the
+uninterrupted one drew. Draws are with replacement (duplicates are kept: with logQ correction that is the
+unbiased estimator).
 
 - uniform: ids 1..N with probability 1/N each (the logQ correction is a constant and is left out);
 - popularity: q(i) proportional to count(i)^exponent, counts = occurrences in the training parts of all users
@@ -19,6 +23,21 @@ from train.data import LocalSequences
 from train.distributed import all_reduce_sum
 
 _STREAM = 0x6E6567  # separates these draws from every other generator seeded with the run's seed
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a fast, well-mixed counter-based hash."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _uniform_per_key(seed: int, step: int, keys: np.ndarray, count: int) -> np.ndarray:
+    """[len(keys), count] floats in [0, 1), a pure function of (seed, step, key, column)."""
+    base = _splitmix64(np.array([seed, _STREAM, step], dtype=np.uint64)).sum(dtype=np.uint64)
+    counters = keys.astype(np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)[None, :]
+    bits = _splitmix64(_splitmix64(counters ^ base) + base)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
 def training_counts(local: LocalSequences, num_rows: int) -> np.ndarray:
@@ -54,18 +73,30 @@ class NegativeSampler:
         elif kind != "uniform":
             raise ValueError(f"unknown negative sampler {kind!r}")
 
-    def describe(self) -> str:
+    def describe(self, per_target: bool = False) -> str:
         how = "uniform" if self.kind == "uniform" else f"popularity (count^{self.exponent:g}, logQ-corrected)"
-        return f"sampled softmax, {self.num_negatives} shared negatives per global step, {how}"
+        where = "per scored target" if per_target else "shared per global step"
+        return f"{self.num_negatives} negatives {where}, {how}"
 
     def draw(self, global_step: int) -> torch.Tensor:
         """The step's negative ids [S] (int64, CPU), identical on every rank and for every world size."""
         rng = np.random.default_rng([self.seed, _STREAM, global_step])
         if self._cdf is None:
-            ids = rng.integers(1, self.num_rows, size=self.num_negatives)
-        else:
-            ids = np.searchsorted(self._cdf, rng.random(self.num_negatives) * self._cdf[-1], side="right")
-            ids = np.minimum(ids, self._last)  # u * total rounded up to total (measure zero)
+            return torch.from_numpy(rng.integers(1, self.num_rows, size=self.num_negatives).astype(np.int64))
+        return self._from_uniform(rng.random(self.num_negatives))
+
+    def draw_per_target(self, global_step: int, keys: torch.Tensor) -> torch.Tensor:
+        """Negative ids [T, S] (int64, CPU) of the targets whose global keys are `keys` [T]."""
+        uniform = _uniform_per_key(self.seed, global_step, keys.cpu().numpy(), self.num_negatives)
+        if self._cdf is None:
+            ids = 1 + np.minimum((uniform * (self.num_rows - 1)).astype(np.int64), self.num_rows - 2)
+            return torch.from_numpy(ids)
+        return self._from_uniform(uniform)
+
+    def _from_uniform(self, uniform: np.ndarray) -> torch.Tensor:
+        """Popularity draws by inverting the CDF at `uniform` (any shape)."""
+        ids = np.searchsorted(self._cdf, uniform * self._cdf[-1], side="right")
+        ids = np.minimum(ids, self._last)  # u * total rounded up to total (measure zero)
         return torch.from_numpy(ids.astype(np.int64))
 
     def log_q(self, ids: torch.Tensor) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from cammsr.base import LossTerms, SampledCandidates
 from cammsr.mscl import pair_loss
-from cammsr.scoring import full_softmax_cross_entropy, sampled_softmax_cross_entropy
+from cammsr.scoring import full_softmax_cross_entropy, sampled_recommendation_loss
 
 
 def model_inputs(batch, seq_emb: torch.Tensor, items, dtype: torch.dtype) -> tuple:
@@ -65,8 +65,8 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
                   sampled: SampledCandidates | None = None) -> LossTerms:
     """Loss terms of this rank, scaled so that their average over ranks is the global-batch loss.
 
-    Full softmax: `candidates` [N + 1, M, d] is the whole catalogue. Sampled softmax: `sampled` holds the vectors
-    of this rank's scored targets (rows with target > 0, in order) and of the global step's shared negatives."""
+    Full softmax: `candidates` [N + 1, M, d] is the whole catalogue. Sampled losses: `sampled` holds the vectors
+    of this rank's scored targets (rows with target > 0, in order) and of their negatives."""
     cfg = model.cfg
     world = dist.get_world_size() if dist.is_initialized() else 1
     targets = batch.targets.reshape(-1)
@@ -77,9 +77,8 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
         recommendation = full_softmax_cross_entropy(output.flat_user_vectors()[scored], candidates.flatten(1),
                                                     targets[scored], cfg.score_chunk_size)
     else:
-        recommendation = sampled_softmax_cross_entropy(
-            output.flat_user_vectors()[scored], sampled.target_vectors.flatten(1), targets[scored],
-            sampled.negative_vectors.flatten(1), sampled.negative_ids, sampled.negative_log_q, sampled.target_log_q)
+        recommendation = sampled_recommendation_loss(output.flat_user_vectors(), targets, sampled, cfg.loss_type,
+                                                     cfg.gbce_t)
     zero = recommendation.new_zeros(())
     total = recommendation * share
     mscl = zero

@@ -1,0 +1,156 @@
+"""`cammsr tune` on the trainer tests' tiny dataset: bad spaces stop before any trial, a parallel study writes its
+best config and plots and never ranks test, a second run continues the study, an interrupted trial continues from
+its checkpoint, the pruner stops trials on their validation curve."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from conftest import PY, ROOT, cpu_env, write_tiny_dataset
+from train.config import ConfigError, load_config
+from train.tune import run_study
+
+BASE = {"model": {"name": "sasrec", "hidden_size": 8, "max_seq_len": 6, "num_layers": 1, "num_heads": 1,
+                  "loss_type": "sampled_softmax"},
+        "train": {"batch_size": 64, "precision": "fp32", "max_epochs": 3},
+        "data": {"build_features": False}, "logging": {"tensorboard": False}}
+SPACE = {"seed": 1, "pruner": {"kind": "median", "startup_trials": 1, "warmup_rounds": 1},
+         "fixed": {"eval.patience": 0},
+         "params": {"train.lr": {"low": 1e-3, "high": 3e-2, "log": True},
+                    "model.hidden_dropout": {"low": 0.0, "high": 0.4, "step": 0.1},
+                    "num_layers": {"low": 1, "high": 2},
+                    "train.num_negatives": {"choices": [8, 16]}}}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def base_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "base.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    return path
+
+
+def _space(folder, **changes):
+    space = json.loads(json.dumps(SPACE))
+    for key, value in changes.items():
+        section, _, name = key.partition(":")
+        if value is None:
+            space[section].pop(name)
+        else:
+            space[section][name] = value
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _tune(dataset, config, space, study, *args, **popen):
+    cmd = [PY, "-m", "launch.cli", "tune", "--data", str(dataset), "--config", str(config), "--space", str(space),
+           "--study-dir", str(study), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, **popen)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _trials(study):
+    return json.loads((study / "trials.json").read_text())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"params:model.bogus": {"low": 0, "high": 1}}, "params.model.bogus: unknown key 'model.bogus'"),
+    ({"params:model.hidden_dropout": {"low": 0.0, "high": 1.5}},
+     "params.model.hidden_dropout: value 1.5 fails the config's validation"),
+    ({"params:model.num_heads": {"choices": [1, 3]}}, "params.model.num_heads: value 3 fails"),
+    ({"params:eval.test": {"choices": ["end"]}}, "eval.test is set by the study"),
+    ({"fixed:train.lr": -1}, "fixed: train.lr=-1.0: must be > 0"),
+    ({"pruner:kind": "hyperband"}, "pruner: expected a mapping with kind one of"),
+])
+def test_a_bad_space_stops_before_the_first_trial(dataset, base_config, tmp_path, changes, message):
+    study = tmp_path / "study"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        run_study(dataset, base_config, _space(tmp_path, **changes), study, 2, 1, "test")
+    assert not study.exists()
+
+
+def test_parallel_study_best_config_plots_no_test_and_continuation(dataset, base_config, tmp_path):
+    space, study = _space(tmp_path), tmp_path / "study"
+    out = _tune(dataset, base_config, space, study, "--trials", "3", "--parallel", "2")
+    assert "2 worker process(es)" in out and "test never computed" in out
+    trials = _trials(study)
+    counted = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(counted) >= 3 and {t["state"] for t in trials} <= {"COMPLETE", "PRUNED"}
+    for trial in trials:  # every trial is a normal run directory that never ranked the test split
+        metrics = json.loads((study / "trials" / f"trial_{trial['number']:04d}" / "metrics.json").read_text())
+        assert metrics["test"] is None and metrics["history"] and "test" not in metrics["history"][0]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    best = max(complete, key=lambda t: t["value"])
+    best_cfg = load_config(study / "best.yaml")
+    assert best_cfg.train.lr == pytest.approx(best["params"]["train.lr"])
+    assert best_cfg.model.num_layers == best["params"]["model.num_layers"]
+    assert best_cfg.train.num_negatives == best["params"]["train.num_negatives"]
+    assert best_cfg.eval.test == "end" and best_cfg.eval.patience == 0  # a ready training config
+    assert f"VALIDATION ndcg@10 {best['value']:.4f}" in (study / "best.yaml").read_text()
+    for plot in ("history", "importance", "validation_curves"):
+        assert (study / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same command with a larger budget continues the study: the finished trials stay as they were
+    out = _tune(dataset, base_config, space, study, "--trials", str(len(counted) + 1))
+    assert f"{len(counted)} of {len(counted) + 1} trials done" in out
+    again = _trials(study)
+    assert len(again) == len(trials) + 1 and again[:len(trials)] == trials
+    # another space on the same study directory is refused
+    with pytest.raises(ConfigError, match="holds a study of another data/config/space"):
+        run_study(dataset, base_config, _space(tmp_path, **{"fixed:eval.patience": 2}), study, 9, 1, "test")
+
+
+def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config, tmp_path):
+    space = _space(tmp_path, **{"fixed:train.max_epochs": 40, "pruner:kind": "none", "pruner:startup_trials": None,
+                                "pruner:warmup_rounds": None})
+    study = tmp_path / "study"
+    proc = _tune(dataset, base_config, space, study, "--trials", "1", start_new_session=True)
+    checkpoints = study / "trials" / "trial_0000" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints.is_dir() and len(list(checkpoints.glob("ep0003*"))) > 0):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    out = _tune(dataset, base_config, space, study, "--trials", "1")
+    assert "0 of 1 trials done, 1 interrupted trial(s) queued" in out
+    assert "resumed from ep" in out
+    first, second = _trials(study)
+    assert first["state"] == "FAIL" and first["interrupted"]
+    assert second["state"] == "COMPLETE" and second["resume_of"] == 0 and second["params"] == first["params"]
+    metrics = json.loads((study / "trials" / "trial_0000" / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == list(range(40))  # continued, not restarted
+    assert metrics["test"] is None
+
+
+def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config, tmp_path):
+    space = _space(tmp_path, **{"pruner:kind": "threshold", "pruner:lower": 1.1, "pruner:startup_trials": None,
+                                "pruner:warmup_rounds": 1})
+    study = tmp_path / "study"
+    out = _tune(dataset, base_config, space, study, "--trials", "2")
+    trials = _trials(study)
+    assert [t["state"] for t in trials] == ["PRUNED", "PRUNED"]
+    assert all(t["epochs_run"] == 2 for t in trials)  # round 0 is warm-up, round 1 falls below 1.1: stopped
+    assert "no complete trial yet: no best config written" in out and not (study / "best.yaml").exists()
+
+
+@pytest.mark.parametrize("space", sorted((ROOT / "configs" / "spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_shipped_spaces_pass_their_checks(space):
+    """Every space under configs/spaces is valid on top of the config its header names (configs/beauty.yaml)."""
+    from train.tune_space import load_space
+    loaded, base = load_space(space, ROOT / "configs" / "beauty.yaml", "data/beauty")
+    assert loaded.params and base.eval.test == "never"

@@ -1,0 +1,296 @@
+"""`cammsr tune`: a hyper-parameter study on validation only (Optuna), resumable, pruned, in parallel processes.
+
+The study lives in DIR/study.db (SQLite through Optuna's RDB storage): a finished trial is never lost, and running
+the same command again continues the study. A trial interrupted by a crash or a kill is marked failed and queued
+again with the same parameters; it continues from the last checkpoint of its run directory
+(DIR/trials/trial_NNNN, a normal run directory: config.yaml, metrics.json, TensorBoard events, checkpoints). Every
+trial trains with eval.test=never, so no test metric is computed during a study. Each validation round is reported
+to the pruner (median of the earlier trials at the same epoch, or a threshold), which may stop a weak trial early.
+`--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads.
+
+At the end: DIR/best.yaml (the best trial's config, ready for `cammsr train --config`), DIR/trials.json (every
+trial's state, value and parameters) and DIR/plots/*.png (history, parameter importance, validation curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+import warnings
+from pathlib import Path
+
+from data_shards.problems import DataError
+from train.config import ConfigError, load_config
+from train.tune_space import SearchSpace, load_space
+
+STUDY_NAME = "cammsr"
+_COUNTED = ("COMPLETE", "PRUNED", "FAIL")  # a trial failed by an interruption is queued again and not counted
+
+
+def _storage(study_dir: Path):
+    import optuna
+    return optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
+                                      engine_kwargs={"connect_args": {"timeout": 300}})
+
+
+def _pruner(spec: dict):
+    import optuna
+    if spec["kind"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=int(spec.get("startup_trials", 5)),
+                                           n_warmup_steps=int(spec.get("warmup_rounds", 0)))
+    if spec["kind"] == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=float(spec["lower"]),
+                                              n_warmup_steps=int(spec.get("warmup_rounds", 0)))
+    return optuna.pruners.NopPruner()
+
+
+def _open_study(settings: dict, worker: int, storage=None):
+    import optuna
+    # each worker its own sampler stream: the same seed everywhere would propose the same first trials
+    sampler = optuna.samplers.TPESampler(seed=settings["space"].seed + 1000 * worker)
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage or _storage(settings["study_dir"]),
+                               direction="maximize", sampler=sampler, pruner=_pruner(settings["space"].pruner),
+                               load_if_exists=True)
+
+
+def _counted(study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.name in _COUNTED and not t.user_attrs.get("interrupted"))
+
+
+def trial_overrides(settings: dict, values: dict) -> list[str]:
+    """A trial's config overrides: the study's own, the space's fixed values, the trial's sampled values."""
+    space: SearchSpace = settings["space"]
+    own = [f"data.path={settings['data']}", "eval.test=never", f"eval.metric={space.metric}"]
+    if settings["parallel"] > 1:
+        own.append("logging.progress=false")  # P interleaved progress bars say nothing
+    return own + space.overrides(values)
+
+
+def _objective(settings: dict):
+    import optuna
+
+    from train.loop import Trainer
+
+    space: SearchSpace = settings["space"]
+
+    def objective(trial) -> float:
+        values = {param.key: param.suggest(trial) for param in space.params}
+        origin = int(trial.user_attrs.get("resume_of", trial.number))
+        run_dir = settings["study_dir"] / "trials" / f"trial_{origin:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        cfg = load_config(settings["config"], trial_overrides(settings, values))
+        trainer = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
+        for record in trainer.state["history"]:  # a resumed trial's earlier rounds, for the pruner
+            if not record.get("id_warmup"):
+                trial.report(record["valid"][space.metric], record["epoch"])
+
+        def report(epoch: int, metric: float) -> None:
+            trial.report(metric, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"valid {space.metric} {metric:.4f} at epoch {epoch}")
+
+        trainer.on_validation = report
+        try:
+            trainer.train()
+        finally:
+            trial.set_user_attr("epochs_run", trainer.state["epoch"])
+            trainer.release()
+        if trainer.state["best_metric"] is None:
+            raise RuntimeError(f"trial {trial.number}: no validation round selected a best epoch")
+        trial.set_user_attr("best_epoch", trainer.state["best_epoch"])
+        return float(trainer.state["best_metric"])
+
+    return objective
+
+
+def _progress(settings: dict, started: float):
+    def callback(study, trial) -> None:
+        done = _counted(study)
+        total = settings["trials"]
+        value = "" if trial.value is None else f" valid {settings['space'].metric} {trial.value:.4f}"
+        best = study.best_trial if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
+        elapsed = time.time() - started
+        rate = elapsed / max(done - settings["done_at_start"], 1)
+        eta = max(total - done, 0) * rate / settings["parallel"]
+        print(f"trial {trial.number} {trial.state.name.lower()}{value}; {done}/{total} trials done; best "
+              + (f"#{best.number} {best.value:.4f}" if best else "none yet")
+              + f"; {rate / 60:.1f} min/trial, ETA {eta / 60:.0f} min", flush=True)
+        if done >= total:
+            study.stop()
+    return callback
+
+
+def _worker(settings: dict, index: int) -> None:
+    import optuna
+    import torch
+
+    from train.distributed import shutdown
+
+    torch.set_num_threads(settings["threads"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(settings, index)
+    if _counted(study) >= settings["trials"]:
+        return
+    try:
+        study.optimize(_objective(settings), callbacks=[_progress(settings, time.time())], catch=(Exception,),
+                       gc_after_trial=True)
+    finally:
+        shutdown(False)
+
+
+def _setup_fingerprint(space: SearchSpace, base, data: str) -> str:
+    tree = base.to_dict()
+    tree["data"].pop("path")
+    payload = {"space": space.fingerprint_payload(), "base": tree, "data": str(Path(data).resolve())}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _recover_interrupted(study, storage) -> int:
+    """Trials left RUNNING by a killed study: marked failed (not counted) and queued again with their parameters
+    and run directory, so they continue from their last checkpoint. Only called under the study's lock."""
+    from optuna.trial import TrialState
+    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in interrupted:
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        origin = int(trial.user_attrs.get("resume_of", trial.number))
+        study.enqueue_trial(trial.params, user_attrs={"resume_of": origin}, skip_if_exists=False)
+    return len(interrupted)
+
+
+def _plots(study, out: Path, metric: str) -> list[str]:
+    """PNG plots of the study; one that cannot be drawn yet (e.g. importance with one trial) is named, not fatal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as oplt
+
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, draw in (("history", oplt.plot_optimization_history), ("importance", oplt.plot_param_importances),
+                           ("validation_curves", oplt.plot_intermediate_values)):
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError) as err:
+                notes.append(f"{name}.png not drawn: {err}")
+                continue
+            if name == "validation_curves":
+                axes.set_xlabel("epoch")
+                axes.set_ylabel(f"valid {metric}")
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+            plt.close(figure)
+    return notes
+
+
+def _summarise(study, settings: dict) -> None:
+    from optuna.trial import TrialState
+    study_dir = settings["study_dir"]
+    rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+             "epochs_run": t.user_attrs.get("epochs_run"), "best_epoch": t.user_attrs.get("best_epoch"),
+             "run_dir": t.user_attrs.get("run_dir"), "interrupted": bool(t.user_attrs.get("interrupted")),
+             "resume_of": t.user_attrs.get("resume_of")} for t in study.get_trials(deepcopy=False)]
+    (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
+    states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    print(f"study {study_dir}: {len(rows)} trials ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+          f"{states['FAIL']} failed) -> {study_dir / 'trials.json'}")
+    for note in _plots(study, study_dir / "plots", settings["space"].metric):
+        print(f"  {note}")
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        print("no complete trial yet: no best config written")
+        return
+    best = study.best_trial
+    space: SearchSpace = settings["space"]
+    cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
+    header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
+              f"{space.metric} {best.value:.4f} (best epoch {best.user_attrs.get('best_epoch')}).",
+              f"# {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed trials; "
+              f"command: {settings['command']}",
+              "# Its parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items())]
+    (study_dir / "best.yaml").write_text("\n".join(header) + "\n" + cfg.to_yaml())
+    print(f"best: trial #{best.number}, valid {space.metric} {best.value:.4f}; {best.params} -> "
+          f"{study_dir / 'best.yaml'}")
+
+
+def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path, trials: int, parallel: int,
+              command: str) -> None:
+    if not data.is_dir():
+        raise DataError(f"--data {data}: no such folder")
+    if trials < 1 or parallel < 1:
+        raise ConfigError(f"--trials {trials} and --parallel {parallel} must be >= 1")
+    space, base = load_space(space_path, config, str(data))  # every bad key/value stops here, before any trial
+    import optuna
+    study_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(study_dir / ".tune.lock", "w")  # noqa: SIM115 -- held for the whole study
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"--study-dir {study_dir}: another `cammsr tune` is running on this study") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = {"data": str(data), "config": config, "space": space, "study_dir": study_dir, "trials": trials,
+                "parallel": parallel, "threads": max(1, (os.cpu_count() or 1) // parallel), "command": command}
+    storage = _storage(study_dir)
+    study = _open_study(settings, 0, storage)
+    fingerprint = _setup_fingerprint(space, base, str(data))
+    stored = study.user_attrs.get("setup_fingerprint")
+    if stored is None:
+        study.set_user_attr("setup_fingerprint", fingerprint)
+    elif stored != fingerprint:
+        raise ConfigError(f"--study-dir {study_dir} holds a study of another data/config/space "
+                          f"({stored} != {fingerprint}); pass a new --study-dir to start another study")
+    recovered = _recover_interrupted(study, storage)
+    settings["done_at_start"] = _counted(study)
+    print(f"study {study_dir}: {settings['done_at_start']} of {trials} trials done"
+          + (f", {recovered} interrupted trial(s) queued to continue from their checkpoints" if recovered else "")
+          + f"; {parallel} worker process(es) x {settings['threads']} threads; validation {space.metric}, "
+          f"test never computed", flush=True)
+    if parallel == 1:
+        _worker(settings, 0)
+    else:
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=_worker, args=(settings, index)) for index in range(parallel)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        failed = [w.exitcode for w in workers if w.exitcode]
+        if failed:
+            print(f"{len(failed)} worker process(es) exited with {failed}; the study keeps what they finished")
+    _summarise(study, settings)
+
+
+def _run_tune(args) -> None:
+    command = ("cammsr tune --data {} {}--space {} --study-dir {} --trials {} --parallel {}"
+               .format(args.data, f"--config {args.config} " if args.config else "", args.space, args.study_dir,
+                       args.trials, args.parallel))
+    run_study(args.data, args.config, args.space, args.study_dir, args.trials, args.parallel, command)
+
+
+def add_tune_command(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "tune", help="hyper-parameter study on validation (Optuna): resumable, pruned, parallel trials",
+        description="Search the space of --space (YAML: params, fixed, metric, pruner, seed; see train/tune_space.py) "
+                    "on top of --config, selecting on validation only (test is never computed). The study is kept "
+                    "in STUDY_DIR/study.db: the same command continues it after an interruption. Writes "
+                    "STUDY_DIR/best.yaml, trials.json and plots/*.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
+    parser.add_argument("--config", type=Path, help="base YAML config the space's values override")
+    parser.add_argument("--space", required=True, type=Path, help="search space YAML")
+    parser.add_argument("--study-dir", required=True, type=Path, help="where the study and its trials live")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total")
+    parser.add_argument("--parallel", type=int, default=1, help="worker processes running trials at once")
+    parser.set_defaults(run=_run_tune)
+    return parser
+
+
+__all__ = ["add_tune_command", "run_study", "trial_overrides"]
