@@ -11,6 +11,7 @@ from launch.arguments import parse_with_overrides
 from launch.recommend import add_recommend_command
 from train.command import add_train_command
 from train.config import ConfigError
+from train.tune import add_tune_command
 
 
 def _comma_list(value: str) -> list[str]:
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(commands)
     _add_extract(commands)
     add_train_command(commands)
+    add_tune_command(commands)
     _add_quickstart(commands)
     add_recommend_command(commands)
     return parser

@@ -56,7 +56,7 @@ class Trainer:
         uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
         # before the process group: extraction may take longer than a collective timeout
         ensure_feature_stores(Path(cfg.data.path), tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
-                              cfg.data.image_encoder, cfg.data.extract_batch_size)
+                              cfg.data.image_encoder, cfg.data.image_size, cfg.data.extract_batch_size)
         self.env = env = init_distributed(cfg.distributed.timeout_s, cfg.distributed.backend)
         self.checkpointer = Checkpointer(self.run_dir, env.rank, cfg.checkpoint.keep)
         if not resume and self.checkpointer.latest_tag() is not None:
@@ -90,7 +90,7 @@ class Trainer:
                                       cfg.embedding.eps, cfg.train.seed + 1, model_cfg.init_method, env.device)
         model.to(env.device)
         self.sampler = None
-        if model_cfg.loss_type == "sampled_softmax":
+        if model_cfg.loss_type != "full_softmax":
             t = cfg.train
             counts = training_counts(self.local, self.num_items + 1) if t.negative_sampler == "popularity" else None
             self.sampler = NegativeSampler(t.negative_sampler, self.num_items + 1, t.num_negatives, t.seed, counts,
@@ -100,12 +100,17 @@ class Trainer:
         self.engine, self.scheduler = build_engine(model, cfg.train, env.world_size, total_steps)
         self.dtype = compute_dtype(cfg.train)
         _seed_all(cfg.train.seed + 1000 * (env.rank + 1))  # dropout / swap draws differ across ranks
+        # called as on_validation(epoch, metric) after each validation round that may select the best epoch (a
+        # tuning study reports it to its pruner, which may stop the run by raising)
+        self.on_validation = None
         self.monitor = Monitor(self.run_dir, cfg.logging.tensorboard, env.is_main)
         self.monitor.config_text(cfg.to_yaml())
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None,
                       "bad_rounds": 0, "best_valid": None, "best_test": None, "best_tag": None, "history": [],
                       "stopped_early": False}
-        loss = "full softmax" if self.sampler is None else self.sampler.describe()
+        loss = "full softmax" if self.sampler is None else (
+            f"{model_cfg.loss_type.replace('_', ' ')}, "
+            + self.sampler.describe(cfg.train.negative_sharing == "per_target"))
         _log(env, f"world size {env.world_size} ({env.backend}, {env.device}); {self.plan.num_users:,} users, "
                   f"{self.num_items:,} items, {self.plan.num_samples:,} training samples with "
                   f"{self.plan.num_targets:,} targets ({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} "
@@ -171,20 +176,29 @@ class Trainer:
                                                                      for t in (items.text, items.image)))
         return training_loss(self.model, output, candidates, batch, self.cfg.train.mscl_negatives), output
 
+    def _draw_negatives(self, batch) -> torch.Tensor:
+        """This step's negative ids: [S] shared, or [T, S] for the T scored targets of this rank's slice."""
+        step = self.state["global_step"]
+        if self.cfg.train.negative_sharing == "shared":
+            return self.sampler.draw(step)
+        return self.sampler.draw_per_target(step, batch.target_keys(self.cfg.model.max_seq_len))
+
     def _sampled_losses(self, batch) -> tuple:
-        """Sampled softmax: ONE lookup of the sequence ids and of the rows the loss needs (this rank's scored
-        targets + the step's shared negatives, deduplicated); features of the same ids; candidates on those."""
+        """Sampled losses: ONE lookup of the sequence ids and of the rows the loss needs (this rank's scored
+        targets + their negatives, deduplicated); features of the same ids; candidates on those."""
         items, dtype, device = self.items, self.dtype, self.env.device
-        negatives = self.sampler.draw(self.state["global_step"]).to(device)
+        negatives = self._draw_negatives(batch).to(device)
         targets = batch.targets.reshape(-1)
         targets = targets[targets > 0]
-        ids, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
+        ids, inverse = torch.unique(torch.cat([targets, negatives.reshape(-1)]), return_inverse=True)
         seq_emb, id_rows = self.table.lookup(batch.item_seq, ids)
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
         rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t[ids].to(dtype)
                                                                for t in (items.text, items.image)))
-        sampled = SampledCandidates(rows[inverse[: len(targets)]], rows[inverse[len(targets):]], negatives,
-                                    self.sampler.log_q(negatives), self.sampler.log_q(targets))
+        negative_rows = rows[inverse[len(targets):]].reshape(*negatives.shape, *rows.shape[1:])
+        sampled = SampledCandidates(rows[inverse[: len(targets)]], negative_rows, negatives,
+                                    self.sampler.log_q(negatives), self.sampler.log_q(targets),
+                                    self.sampler.num_negatives / max(self.num_items - 1, 1))
         return training_loss(self.model, output, None, batch, self.cfg.train.mscl_negatives, sampled), output
 
     def _apply(self, terms, output, batch) -> tuple:
@@ -341,6 +355,8 @@ class Trainer:
                                                                                else ""))
         self._write_metrics()
         self.monitor.flush()
+        if self.on_validation is not None:
+            self.on_validation(epoch, metric)
 
     def _test(self) -> dict:
         test = self.evaluate_split("test")
