@@ -73,6 +73,23 @@ def test_per_target_negatives_tiled_from_a_shared_set_give_the_shared_loss():
     each = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[tiled], tiled,
                                          log_q.expand(5, -1))
     torch.testing.assert_close(one, each)
+    # the trainer's form: distinct rows + an index into them; the matmul route (few distinct rows) and the
+    # gather route (the 2000-row table below) give the loss of the gathered vectors
+    rows, index = torch.unique(tiled, return_inverse=True)
+    indexed = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], tiled,
+                                            log_q.expand(5, -1), negative_index=index)
+    torch.testing.assert_close(one, indexed)
+    wide = torch.randint(1, 31, (5, 400), generator=generator)
+    rows, index = torch.unique(wide, return_inverse=True)
+    by_gather = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[wide], wide)
+    by_index = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], wide,
+                                             negative_index=index)
+    torch.testing.assert_close(by_gather, by_index)
+    table = torch.randn(2000, 8, generator=generator)  # more distinct rows than S x D / R: the gather route
+    few = torch.randint(0, 2000, (5, 6), generator=generator)
+    torch.testing.assert_close(
+        sampled_softmax_cross_entropy(user, candidates[targets], targets, table[few], few + 100),
+        sampled_softmax_cross_entropy(user, candidates[targets], targets, table, few + 100, negative_index=few))
 
 
 def test_gbce_matches_its_definition():

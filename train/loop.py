@@ -195,10 +195,12 @@ class Trainer:
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
         rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t[ids].to(dtype)
                                                                for t in (items.text, items.image)))
-        negative_rows = rows[inverse[len(targets):]].reshape(*negatives.shape, *rows.shape[1:])
+        per_target = negatives.dim() == 2  # their vectors stay the distinct rows, indexed (scoring._per_row_scores)
+        negative_index = inverse[len(targets):].reshape(negatives.shape) if per_target else None
+        negative_rows = rows if per_target else rows[inverse[len(targets):]]
         sampled = SampledCandidates(rows[inverse[: len(targets)]], negative_rows, negatives,
                                     self.sampler.log_q(negatives), self.sampler.log_q(targets),
-                                    self.sampler.num_negatives / max(self.num_items - 1, 1))
+                                    self.sampler.num_negatives / max(self.num_items - 1, 1), negative_index)
         return training_loss(self.model, output, None, batch, self.cfg.train.mscl_negatives, sampled), output
 
     def _apply(self, terms, output, batch) -> tuple:
