@@ -24,6 +24,8 @@ _CHOICES = {
     "mscl_anchors": ("last", "every_prefix"),
     "loss_type": ("full_softmax", "sampled_softmax", "gbce"),
     "init_method": ("xavier_normal", "xavier_uniform", "normal"),
+    "block_style": ("recbole", "sasrec"),
+    "position_from": ("start", "end"),
     "feature_normalization": ("none", "standardize"),
 }
 
@@ -63,6 +65,11 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12  # RecBole default
     # paper: "Xavier initialization with default parameters"; "normal": N(0, 0.02) (RecBole's SASRec)
     init_method: str = "xavier_normal"
+    # SASRec only. block_style "recbole": RecBole's post-LN GELU blocks (the paper's SASRec row); "sasrec": the
+    # SASRec paper's own pre-LN ReLU blocks with a final LayerNorm (RecTools' SASRec, the public benchmark's).
+    # position_from "start": positions count from the first item; "end": back from the latest (RecTools).
+    block_style: str = "recbole"
+    position_from: str = "start"
 
     # "prefix": each sample is a prefix, read at seq_len - 1 (RecBole). "all_positions": every position
     # predicts its next item in one pass; needs every part causal (see router_causal).
@@ -166,6 +173,11 @@ class ModelConfig:
                      "num_experts", "expert_hidden_multiplier", "score_chunk_size"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
+        if self.name != "sasrec":
+            for name, default in (("block_style", "recbole"), ("position_from", "start")):
+                if getattr(self, name) != default:
+                    _fail(name, getattr(self, name), f"is a SASRec option (model.name='sasrec'); CAMMSR uses "
+                                                     f"{default!r}")
         if self.hidden_size % self.num_heads:
             _fail("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size}")
         for name in ("hidden_dropout", "attn_dropout"):

@@ -1,4 +1,4 @@
-"""Building blocks shared by CAMMSR and SASRec: DyT, a RecBole-style post-LN Transformer, masks, init."""
+"""Building blocks shared by CAMMSR and SASRec: DyT, RecBole's post-LN and SASRec's pre-LN Transformer, masks, init."""
 
 from __future__ import annotations
 
@@ -49,9 +49,13 @@ class MultiHeadSelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.attn_dropout = attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over x; `query` (default x) replaces x in the queries only."""
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        if query is not None:
+            w_q, b_q = self.qkv.weight[:hidden], self.qkv.bias[:hidden]
+            q = F.linear(query, w_q, b_q).view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
         dropout = self.attn_dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out(attended.transpose(1, 2).reshape(batch, length, hidden))
@@ -74,23 +78,50 @@ class TransformerBlock(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
+class OriginalSASRecBlock(nn.Module):
+    """The SASRec paper's block as its authors' code (and RecTools) run it: the query is LayerNorm(x) while keys
+    and values read x, x = LN(x) + attention; then x + Dropout(FFN(LN(x))), a ReLU FFN with dropout inside."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, hidden_dropout: float, attn_dropout: float,
+                 norm_factory):
+        super().__init__()
+        self.attention = MultiHeadSelfAttention(hidden, heads, attn_dropout)
+        self.attention_norm = norm_factory()
+        self.ffn = nn.Sequential(nn.Linear(hidden, inner), nn.ReLU(), nn.Dropout(hidden_dropout),
+                                 nn.Linear(inner, hidden))
+        self.ffn_norm = norm_factory()
+        self.dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        query = self.attention_norm(x)
+        x = query + self.attention(x, mask, query=query)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+BLOCK_STYLES = {"recbole": TransformerBlock, "sasrec": OriginalSASRecBlock}
+
+
 class SequenceEncoder(nn.Module):
-    """Z = Transformer(Dropout(Norm(S))) (Eq. 12 with LayerNorm, Eq. 14 with DyT), causal and padding-masked."""
+    """Z = Transformer(Dropout(Norm(S))) (Eq. 12 with LayerNorm, Eq. 14 with DyT), causal and padding-masked.
+
+    style "recbole": post-LN blocks after the input norm (RecBole's SASRec, the paper's encoder). "sasrec": the
+    SASRec paper's own pre-LN blocks on Dropout(S), no input norm, a final LayerNorm (`final_norm`)."""
 
     def __init__(self, hidden: int, heads: int, layers: int, inner: int, hidden_dropout: float,
-                 attn_dropout: float, input_norm: nn.Module, block_norm_factory):
+                 attn_dropout: float, input_norm: nn.Module, block_norm_factory, style: str = "recbole"):
         super().__init__()
-        self.input_norm = input_norm
+        self.input_norm = input_norm if style == "recbole" else nn.Identity()
         self.input_dropout = nn.Dropout(hidden_dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(hidden, heads, inner, hidden_dropout, attn_dropout, block_norm_factory)
+            BLOCK_STYLES[style](hidden, heads, inner, hidden_dropout, attn_dropout, block_norm_factory)
             for _ in range(layers))
+        self.final_norm = block_norm_factory() if style == "sasrec" else nn.Identity()
 
     def forward(self, sequence: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.input_dropout(self.input_norm(sequence))
         for block in self.blocks:
             x = block(x, attention_mask)
-        return x
+        return self.final_norm(x)
 
 
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

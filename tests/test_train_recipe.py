@@ -94,8 +94,10 @@ def test_each_dropout_acts_alone_in_training_and_never_in_eval(key):
                        model(seq, torch.full((3,), 8), emb).user_vectors)
 
 
-def test_sequences_of_200_items_stay_causal():
-    model, cfg = _sasrec(max_seq_len=200, sequence_mode="all_positions", router_causal=True)
+@pytest.mark.parametrize("style, position_from", [("recbole", "start"), ("sasrec", "end")])
+def test_sequences_of_200_items_stay_causal(style, position_from):
+    model, cfg = _sasrec(max_seq_len=200, sequence_mode="all_positions", router_causal=True, block_style=style,
+                         position_from=position_from)
     model.eval()
     seq = torch.randint(1, 500, (2, 200))
     emb = torch.randn(2, 200, cfg.hidden_size)
@@ -116,3 +118,21 @@ def test_embedding_size_blocks_and_heads_shape_the_model(size, blocks, heads):
     seq = torch.randint(1, 30, (2, 5))
     out = model(seq, torch.full((2,), 5), torch.randn(2, 5, size)).user_vectors
     assert out.shape == (2, 1, size)
+
+
+def test_the_original_sasrec_block_and_inverse_positions():
+    """block_style=sasrec: no input norm, pre-LN ReLU blocks, a final LayerNorm; position_from=end: the latest item
+    of every row gets position 0, whatever the row's length. CAMMSR refuses both (not wired there)."""
+    model, cfg = _sasrec(block_style="sasrec", position_from="end", ffn_inner_size=16)
+    encoder = model.encoder
+    assert isinstance(encoder.input_norm, torch.nn.Identity) and isinstance(encoder.final_norm, torch.nn.LayerNorm)
+    assert isinstance(encoder.blocks[0].ffn[1], torch.nn.ReLU) and encoder.blocks[0].ffn[0].out_features == 16
+    seq = torch.tensor([[5, 6, 7, 0], [1, 2, 3, 4]])
+    positions = model._positions(seq, torch.tensor([3, 4]))
+    table = model.position.weight
+    torch.testing.assert_close(positions[0, :3], table[[2, 1, 0]])
+    torch.testing.assert_close(positions[1], table[[3, 2, 1, 0]])
+    recbole, _ = _sasrec()
+    assert isinstance(recbole.encoder.final_norm, torch.nn.Identity)
+    with pytest.raises(ValueError, match="block_style='sasrec': is a SASRec option"):
+        ModelConfig(name="cammsr", block_style="sasrec")
