@@ -112,6 +112,9 @@ class EvalConfig:
     # Validate during train.id_warmup_epochs too (for the curve; those rounds never select the best epoch or count
     # toward patience, so false changes no result and saves their time).
     in_warmup: bool = True
+    # Rank each target among the items its user has NOT interacted with before (RecBole's full-sort evaluator and
+    # RecTools' filter_viewed do; the public SASRec benchmark's numbers are RecTools'). false: among all items.
+    exclude_history: bool = False
 
 
 @dataclass

@@ -10,6 +10,9 @@ the ID table), then the catalogue is read `chunk_size` item ids at a time (`tabl
 chunks on every rank) and scored against them; the full table is never held. Two passes over the chunks: the
 first reads each target's score from the same matmul that scores the other items, the second counts the items
 scoring strictly higher and those scoring equal (cammsr.metrics: tied items count as in a random order).
+`exclude_history` (eval.exclude_history) ranks each target among the items its user has not interacted with
+before it, as RecBole's full-sort evaluator and RecTools' filter_viewed do: history items score -inf in both passes
+(a target that repeats a history item therefore ranks at the end).
 `eval.max_users` picks a fixed subset of users (`evaluation_users`) where ranking every user against 10M items would
 take too long.
 """
@@ -23,7 +26,7 @@ import torch
 
 from cammsr.base import ModelOutput
 from cammsr.metrics import histogram_metric_sums, rank_tie_histogram, sums_to_means
-from train.data import Batch, LocalSequences, eval_batches
+from train.data import Batch, LocalSequences, eval_batches, eval_order
 from train.distributed import all_gather_objects, all_reduce_sum
 from train.monitor import progress_bar
 from train.step import model_inputs
@@ -59,6 +62,26 @@ def _dummy(max_len: int) -> Batch:
                  torch.zeros(1, dtype=torch.bool))
 
 
+def history_pairs(local: LocalSequences, split: str, users: np.ndarray | None, device) -> tuple:
+    """(row, item id) of every history item of the evaluated users, rows in evaluation order (`eval_order`): what
+    exclude_history masks. The history is everything before the split's target."""
+    drop = 2 if split == "valid" else 1
+    order = eval_order(local, users)
+    lengths = local.lengths[order] - drop
+    rows = np.repeat(np.arange(len(order)), lengths)
+    starts = np.repeat(local.offsets[order], lengths)
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    items = local.flat[starts + within]
+    return torch.from_numpy(rows).to(device), torch.from_numpy(items.astype(np.int64)).to(device)
+
+
+def _mask_history(scores: torch.Tensor, pairs: tuple, rows: slice, start: int, end: int) -> None:
+    """-inf where the block scores[rows, start:end] holds a user's history item."""
+    row, item = pairs
+    inside = (row >= rows.start) & (row < rows.start + scores.shape[0]) & (item >= start) & (item < end)
+    scores[row[inside] - rows.start, item[inside] - start] = float("-inf")
+
+
 def _item_chunks(num_rows: int, chunk_size: int):
     for start in range(1, num_rows, chunk_size):
         yield start, min(start + chunk_size, num_rows)
@@ -67,7 +90,7 @@ def _item_chunks(num_rows: int, chunk_size: int):
 @torch.no_grad()
 def evaluate(model, table, items, local: LocalSequences, split: str, max_len: int, batch_size: int,
              ks: tuple[int, ...], device: torch.device, dtype: torch.dtype, users: np.ndarray | None = None,
-             chunk_size: int = 65536, progress: bool = False) -> dict[str, float]:
+             chunk_size: int = 65536, progress: bool = False, exclude_history: bool = False) -> dict[str, float]:
     """{"ndcg@5": ..., "mrr@10": ..., "recall@10": ..., "count": users} for `split` ("valid" | "test");
     `progress` shows a bar over the user batches and catalogue chunks."""
     was_training = model.training
@@ -94,6 +117,7 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
         bar.update()
     user, target = torch.cat(vectors), torch.cat(targets)
     offset = None if offsets[0] is None else torch.cat(offsets)
+    history = history_pairs(local, split, users, device) if exclude_history else None
 
     # 2. the catalogue, chunk by chunk: pass 0 reads the targets' scores, pass 1 counts higher-scoring and tied items
     cached = None
@@ -115,6 +139,8 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
                     scores = user[part] @ rows.T
                     if offset is not None:
                         scores = scores + offset[part, None]
+                    if history is not None:
+                        _mask_history(scores, history, part, start, end)
                     if count_pass:
                         greater[part] += (scores > target_score[part, None]).sum(dim=1)
                         equal[part] += (scores == target_score[part, None]).sum(dim=1)

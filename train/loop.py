@@ -142,7 +142,8 @@ class Trainer:
         cfg = self.cfg
         return evaluate(self.model, self.table, self.items, self.local, split, cfg.model.max_seq_len,
                         cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype,
-                        users=self.eval_users, chunk_size=cfg.model.score_chunk_size, progress=self._shows_progress)
+                        users=self.eval_users, chunk_size=cfg.model.score_chunk_size, progress=self._shows_progress,
+                        exclude_history=cfg.eval.exclude_history)
 
     @property
     def _shows_progress(self) -> bool:
