@@ -302,20 +302,25 @@ def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
     return parsed
 
 
+def read_yaml_mapping(path: Path | str, flag: str) -> dict:
+    """The mapping in the YAML file `path` ({} when empty); a missing file, bad YAML or a non-mapping stops with
+    an error naming `flag` (the option that gave the path) and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag} {path}: not valid YAML ({err})") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{flag} {path}: expected a mapping")
+    return tree
+
+
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None,
                 world_size: int | None = None, cuda: bool | None = None) -> Config:
     """YAML file (optional) + overrides -> validated Config. `world_size`/`cuda` default to the environment."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({err})") from err
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of sections")
+    tree = {} if path is None else read_yaml_mapping(path, "--config")
     for section in tree:
         if section not in _SECTION_TYPES:
             raise ConfigError(f"unknown key {section!r} in {path} (sections: {', '.join(_SECTION_TYPES)})")

@@ -21,9 +21,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from train.config import Config, ConfigError, is_config_key, load_config, parse_overrides
+from train.config import Config, ConfigError, is_config_key, load_config, parse_overrides, read_yaml_mapping
 
 _TOP_LEVEL = {"metric", "seed", "pruner", "fixed", "params"}
 _PRUNERS = {"median": {"startup_trials", "warmup_rounds"}, "threshold": {"lower", "warmup_rounds"}, "none": set()}
@@ -121,14 +119,7 @@ def _resolved_key(path: Path, where: str, key: str) -> str:
 def load_space(path: Path | str, config: Path | str | None, data: str) -> tuple[SearchSpace, Config]:
     """The space of `path`, checked against the base `config` on `data`; also returns the base config."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--space {path}: no such file")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--space {path}: not valid YAML ({err})") from err
-    if not isinstance(tree, dict):
-        raise ConfigError(f"--space {path}: expected a mapping")
+    tree = read_yaml_mapping(path, "--space")
     unknown = set(tree) - _TOP_LEVEL
     if unknown:
         _fail(path, "top level", f"unknown key(s) {sorted(unknown)}; known: {sorted(_TOP_LEVEL)}")
