@@ -51,7 +51,7 @@ class SampledCandidates:
     """Inputs of the sampled losses, built by the trainer with `item_candidates` on the sampled rows.
     target_vectors [T, M, d] of the scored targets (targets > 0, in row order); negatives shared by all rows
     (negative_vectors [S, M, d], negative_ids [S]) or each target's own (negative_ids [T, S]; negative_vectors
-    [T, S, M, d], or distinct rows [U, M, d] that negative_index [T, S] points into); log_q: log sampling
+    the distinct rows [U, M, d] that negative_index [T, S] points into); log_q: log sampling
     probabilities (None: uniform); sampling_rate: S / (N - 1), what gBCE calibrates with."""
 
     target_vectors: torch.Tensor

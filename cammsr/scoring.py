@@ -94,8 +94,8 @@ def sampled_logits(user: torch.Tensor, target_vectors: torch.Tensor, targets: to
                    negative_log_q: torch.Tensor | None = None, target_log_q: torch.Tensor | None = None,
                    negative_index: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [R, 1 + S] in fp32: column 0 the row's target, then its S negatives, shared by all rows
-    (negative_vectors [S, D], ids and log_q [S]) or each row's own (ids and log_q [R, S]; negative_vectors either
-    [R, S, D], or a table [U, D] of distinct rows that negative_index [R, S] points into). log_q = log of each item's
+    (negative_vectors [S, D], ids and log_q [S]) or each row's own (ids and log_q [R, S]; negative_vectors a table
+    [U, D] that negative_index [R, S] points into). log_q = log of each item's
     sampling probability, subtracted (logQ correction; omit for uniform sampling, where it is a constant). A
     negative equal to the row's target (an accidental hit) is -inf: removed from that row."""
     with torch.autocast(device_type=user.device.type, enabled=False):
@@ -103,11 +103,9 @@ def sampled_logits(user: torch.Tensor, target_vectors: torch.Tensor, targets: to
         positive = (user * target_vectors).sum(dim=1, keepdim=True)
         if negative_index is not None:
             negative = _per_row_scores(user, negative_vectors, negative_index)
-        elif negative_vectors.dim() == 2:
+        else:
             negative = user @ negative_vectors.T
             negative_ids = negative_ids[None, :]
-        else:
-            negative = torch.einsum("rd,rsd->rs", user, negative_vectors)
         if target_log_q is not None:
             positive = positive - target_log_q.float()[:, None]
         if negative_log_q is not None:
@@ -156,8 +154,8 @@ def sampled_recommendation_loss(user: torch.Tensor, targets: torch.Tensor, sampl
                                 gbce_t: float) -> torch.Tensor:
     """The recommendation loss of a sampled `loss_type` ("sampled_softmax" | "gbce") on the rows of `user` [R, D]
     whose targets [R] are > 0; `sampled` (cammsr.base.SampledCandidates) holds the vectors of those scored targets,
-    in row order, and of the negatives (shared [S, M, d], or per scored target: [T, S, M, d], or a table of
-    distinct rows [U, M, d] with negative_index [T, S])."""
+    in row order, and of the negatives (shared [S, M, d], or per scored target: a table of distinct rows
+    [U, M, d] with negative_index [T, S])."""
     scored = targets > 0
     user, targets = user[scored], targets[scored]
     target_vectors = sampled.target_vectors.reshape(user.shape)

@@ -61,6 +61,12 @@ def test_per_target_negatives_are_a_function_of_the_target_key():
     assert uniform.min() == 1 and uniform.max() == 100 and np.abs(frequency[1:] - 0.01).max() < 0.003
 
 
+def _row_by_row(user, target_vectors, targets, table, index, ids):
+    """The per-row loss as the mean of one-row shared losses: an independent reference for the indexed form."""
+    return torch.stack([sampled_softmax_cross_entropy(user[r:r + 1], target_vectors[r:r + 1], targets[r:r + 1],
+                                                      table[index[r]], ids[r]) for r in range(len(targets))]).mean()
+
+
 def test_per_target_negatives_tiled_from_a_shared_set_give_the_shared_loss():
     generator = torch.Generator().manual_seed(2)
     candidates = torch.randn(31, 8, generator=generator)
@@ -70,25 +76,26 @@ def test_per_target_negatives_tiled_from_a_shared_set_give_the_shared_loss():
     tiled = shared.expand(5, -1)
     log_q = torch.log(torch.rand(6, generator=generator))
     one = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[shared], shared, log_q)
-    each = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[tiled], tiled,
-                                         log_q.expand(5, -1))
-    torch.testing.assert_close(one, each)
-    # the trainer's form: distinct rows + an index into them; the matmul route (few distinct rows) and the
-    # gather route (the 2000-row table below) give the loss of the gathered vectors
+    # the trainer's form, distinct rows + an index into them, by its two routes: the matmul over few distinct rows
     rows, index = torch.unique(tiled, return_inverse=True)
-    indexed = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], tiled,
-                                            log_q.expand(5, -1), negative_index=index)
+    each = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], tiled,
+                                         log_q.expand(5, -1), negative_index=index)
+    torch.testing.assert_close(one, each)
+    # ... and the gather, when the table holds more rows than S x D / R (extra rows the index never points at)
+    padded = torch.cat([candidates, torch.randn(100, 8, generator=generator)])
+    indexed = sampled_softmax_cross_entropy(user, candidates[targets], targets, padded, tiled, log_q.expand(5, -1),
+                                            negative_index=tiled)
     torch.testing.assert_close(one, indexed)
     wide = torch.randint(1, 31, (5, 400), generator=generator)
     rows, index = torch.unique(wide, return_inverse=True)
-    by_gather = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[wide], wide)
+    by_rows = _row_by_row(user, candidates[targets], targets, candidates, wide, wide)
     by_index = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], wide,
                                              negative_index=index)
-    torch.testing.assert_close(by_gather, by_index)
+    torch.testing.assert_close(by_rows, by_index)
     table = torch.randn(2000, 8, generator=generator)  # more distinct rows than S x D / R: the gather route
     few = torch.randint(0, 2000, (5, 6), generator=generator)
     torch.testing.assert_close(
-        sampled_softmax_cross_entropy(user, candidates[targets], targets, table[few], few + 100),
+        _row_by_row(user, candidates[targets], targets, table, few, few + 100),
         sampled_softmax_cross_entropy(user, candidates[targets], targets, table, few + 100, negative_index=few))
 
 
@@ -101,7 +108,7 @@ def test_gbce_matches_its_definition():
     targets = torch.tensor([2, 5, 9])
     negatives = torch.tensor([[5, 1, 7], [5, 3, 4], [8, 8, 1]])  # row 1's first negative is its target
     beta = gbce_beta(3 / 19, 0.75)
-    got = gbce_loss(user, candidates[targets], targets, candidates[negatives], negatives, beta)
+    got = gbce_loss(user, candidates[targets], targets, candidates, negatives, beta, negative_index=negatives)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))
     rows = []
     for r in range(3):
