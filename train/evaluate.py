@@ -63,8 +63,8 @@ def _dummy(max_len: int) -> Batch:
 
 
 def history_pairs(local: LocalSequences, split: str, users: np.ndarray | None, device) -> tuple:
-    """(row, item id) of every history item of the evaluated users, rows in evaluation order (`eval_order`): what
-    exclude_history masks. The history is everything before the split's target."""
+    """(row, item id) of every history item of the evaluated users, rows in evaluation order (`eval_order`, so
+    ascending): what exclude_history masks. The history is everything before the split's target."""
     drop = 2 if split == "valid" else 1
     order = eval_order(local, users)
     lengths = local.lengths[order] - drop
@@ -78,7 +78,10 @@ def history_pairs(local: LocalSequences, split: str, users: np.ndarray | None, d
 def _mask_history(scores: torch.Tensor, pairs: tuple, rows: slice, start: int, end: int) -> None:
     """-inf where the block scores[rows, start:end] holds a user's history item."""
     row, item = pairs
-    inside = (row >= rows.start) & (row < rows.start + scores.shape[0]) & (item >= start) & (item < end)
+    bounds = torch.tensor([rows.start, rows.start + scores.shape[0]], device=row.device)
+    low, high = torch.searchsorted(row, bounds).tolist()  # rows are ascending: this block's pairs are one slice
+    row, item = row[low:high], item[low:high]
+    inside = (item >= start) & (item < end)
     scores[row[inside] - rows.start, item[inside] - start] = float("-inf")
 
 
