@@ -78,3 +78,40 @@ def write_tiny_dataset(out: Path) -> Path:
         write_store(data, modality, ids, rng.standard_normal((len(ids), dim)).astype(np.float32),
                     {"encoder": "random test vectors"})
     return out
+
+
+def write_tiny_encoders(folder: Path) -> tuple[Path, Path]:
+    """Real transformers encoders with small configs and seeded random weights, saved as local model folders: a
+    1-layer BERT (16-d, 32 positions, all-MiniLM-L6-v2's tokenizer) and a 1-layer DINOv2 (16-d, 32 px, 8-px
+    patches). What `data.text_encoder` / `data.image_encoder` take as paths. Initialised wide (std 0.5): at
+    transformers' default 0.02 a random BERT gives every text nearly the same [CLS] vector (per-dimension spread
+    below fp16's resolution), which no model could learn from."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
+
+    from data_shards.features.dinov2_conversion import DEFAULT_PREPROCESSOR
+    from data_shards.features.encoders import _default_text_path
+    text_dir, image_dir = folder / "tiny-bert", folder / "tiny-dinov2"
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(_default_text_path()[0]), local_files_only=True)
+    tokenizer.save_pretrained(str(text_dir))
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                         initializer_range=0.5)
+              ).save_pretrained(str(text_dir))
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             patch_size=8, image_size=32, initializer_range=0.5)).save_pretrained(str(image_dir))
+    processor = dict(DEFAULT_PREPROCESSOR, size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    (image_dir / "preprocessor_config.json").write_text(json.dumps(processor))
+    return text_dir, image_dir
+
+
+def write_media_dataset(out: Path, num_items: int = 60, num_users: int = 81) -> Path:
+    """A small synthetic dataset WITH images in its shards (a few items without one): for stream mode."""
+    from data_shards.prepare import PrepareOptions, prepare
+    from data_shards.sources.synthetic import generate_synthetic
+    prepare(generate_synthetic(num_items=num_items, num_users=num_users, seed=1, with_images=True,
+                               missing_image_rate=0.1), out, PrepareOptions(k_core=1))
+    return out

@@ -1,6 +1,6 @@
 """The training config: one typed tree (dataclasses), a YAML file + `key=value` overrides, validated once.
 
-Sections: data, model (= cammsr.ModelConfig, its fields are the public model keys), train, embedding, eval,
+Sections: data, model (= cammsr.ModelConfig, its fields are the public model keys), train, embedding, eval, features,
 checkpoint, logging, distributed. Overrides: `section.key=value` or a bare `key=value` when the name is unique
 across sections (`max_epochs=3`); `model=sasrec` is short for `model.name=sasrec`. Values are parsed as YAML.
 Every error names the key (ConfigError, a ValueError).
@@ -39,6 +39,19 @@ class DataConfig:
     # features: they get ID rows, can be drawn as negatives and are ranked in evaluation. For scaling runs of
     # ID-only models (model.name=sasrec): a huge ID table without writing millions of item samples.
     extra_items: int = 0
+
+
+@dataclass
+class FeaturesConfig:
+    # cached: text/image features come from the feature stores (`cammsr extract`, built before training when
+    # missing). stream: no store; each step's items are read from the shards by id, decoded and encoded inside the
+    # training step, and evaluation encodes the catalogue once per round (train.media). Stream mode needs a sampled
+    # loss with shared negatives: a full softmax would encode the whole catalogue every step.
+    mode: str = "cached"
+    image_decoder: str = "auto"  # stream mode: auto (DALI where installed) | dali | pil
+    prefetch: int = 1  # stream mode: steps whose media are read/decoded/tokenized ahead, in a thread (0 = inline)
+    encode_batch_size: int = 256  # stream mode: images per decode run and per encoder call; items per catalogue chunk
+    decode_threads: int = 2  # stream mode: DALI's CPU threads
 
 
 @dataclass
@@ -145,6 +158,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -166,11 +180,13 @@ class Config:
         tree["eval"].pop("in_warmup")
         tree["data"].pop("path")
         tree["data"].pop("extract_batch_size")
+        for speed_only in ("prefetch", "encode_batch_size", "decode_threads"):
+            tree["features"].pop(speed_only)
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "embedding": EmbeddingConfig,
-                  "eval": EvalConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+                  "eval": EvalConfig, "features": FeaturesConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
                   "distributed": DistributedConfig}
 _CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "sgd"),
@@ -187,6 +203,8 @@ _CHOICES = {
     ("embedding", "sharding"): ("row_wise", "table_wise", "column_wise"),
     ("embedding", "optimizer"): ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"),
     ("distributed", "backend"): ("auto", "gloo", "nccl"),
+    ("features", "mode"): ("cached", "stream"),
+    ("features", "image_decoder"): ("auto", "dali", "pil"),
 }
 
 
@@ -360,7 +378,7 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
                        ("train.weight_decay", t.weight_decay), ("eval.patience", cfg.eval.patience),
                        ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("eval.max_users", cfg.eval.max_users),
                        ("data.extra_items", cfg.data.extra_items), ("data.image_size", cfg.data.image_size),
-                       ("train.id_warmup_epochs", t.id_warmup_epochs),
+                       ("train.id_warmup_epochs", t.id_warmup_epochs), ("features.prefetch", cfg.features.prefetch),
                        ("train.negative_sampler_exponent", t.negative_sampler_exponent)]:
         if value < 0:
             raise ConfigError(f"{key}={value!r}: must be >= 0")
@@ -411,5 +429,24 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
         raise ConfigError("eval.test='end' ranks the test split with the best checkpoint's weights, and "
                           "checkpoint.enabled=false writes none: set eval.test=each_best (test after each new best "
                           "validation) or eval.test=never")
+    _validate_features(cfg)
     if cfg.distributed.backend == "nccl" and not cuda:
         raise ConfigError("distributed.backend='nccl' needs a GPU; use auto or gloo")
+
+
+def _validate_features(cfg: Config) -> None:
+    f = cfg.features
+    for key, value in (("features.encode_batch_size", f.encode_batch_size), ("features.decode_threads",
+                                                                            f.decode_threads)):
+        if value <= 0:
+            raise ConfigError(f"{key}={value!r}: must be > 0")
+    if f.mode != "stream":
+        return
+    if cfg.model.loss_type == "full_softmax":
+        raise ConfigError("features.mode='stream' with model.loss_type='full_softmax': a full softmax scores every "
+                          "item, so every step would encode the whole catalogue from raw media; set "
+                          "model.loss_type=sampled_softmax (or gbce) and train.num_negatives, or features.mode=cached")
+    if cfg.train.negative_sharing != "shared":
+        raise ConfigError(f"features.mode='stream' with train.negative_sharing={cfg.train.negative_sharing!r}: each "
+                          "target's own negatives would encode up to targets x num_negatives items per step; set "
+                          "train.negative_sharing=shared")

@@ -1,6 +1,8 @@
 """Per-item side inputs of the model: frozen text/image feature tables and category labels, indexed by item id.
 
-Feature stores are built first (data_shards.features.extract) when the model needs a modality that has none.
+Feature stores are built first (data_shards.features.extract) when the model needs a modality that has none. In
+stream mode (train.media) the tables are encoded from the shards instead, and a step reads `StepFeatures`, which
+answers the same `rows` call.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ class ItemInputs:
     categories: torch.Tensor | None  # [N + 1, C] float multi-hot
     has_category: torch.Tensor | None  # [N + 1] bool
     category_levels: list[int]
+
+    def rows(self, modality: str, ids: torch.Tensor) -> torch.Tensor | None:
+        """The `modality` ("text" | "image") feature rows of item `ids` (any shape), None where the model has none."""
+        table = self.text if modality == "text" else self.image
+        return None if table is None else table[ids]
 
     @property
     def text_dim(self) -> int:

@@ -27,6 +27,7 @@ from train.embeddings import build_item_table, describe_plan
 from train.engine import backward_pass, build_engine, compute_dtype
 from train.evaluate import evaluate, evaluation_users
 from train.items import ensure_feature_stores, load_item_inputs
+from train.media import MediaStream, prefetched
 from train.monitor import Monitor, progress_bar, write_metrics
 from train.negatives import NegativeSampler, training_counts
 from train.step import model_inputs, training_loss
@@ -54,9 +55,10 @@ class Trainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         model_cfg = cfg.model
         uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
-        # before the process group: extraction may take longer than a collective timeout
-        ensure_feature_stores(Path(cfg.data.path), tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
-                              cfg.data.image_encoder, cfg.data.image_size, cfg.data.extract_batch_size)
+        streams = cfg.features.mode == "stream" and bool(uses & {"text", "image"})
+        if not streams:  # before the process group: extraction may take longer than a collective timeout
+            ensure_feature_stores(Path(cfg.data.path), tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
+                                  cfg.data.image_encoder, cfg.data.image_size, cfg.data.extract_batch_size)
         self.env = env = init_distributed(cfg.distributed.timeout_s, cfg.distributed.backend)
         self.checkpointer = Checkpointer(self.run_dir, env.rank, cfg.checkpoint.keep)
         if not resume and self.checkpointer.latest_tag() is not None:
@@ -68,7 +70,10 @@ class Trainer:
         if env.world_size > 1:
             dist.barrier()
         need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
-        self.items = load_item_inputs(data, tuple(uses), need_categories, env.device)
+        self.items = load_item_inputs(data, () if streams else tuple(uses), need_categories, env.device)
+        # loading an encoder draws from torch's generator: before the seeded model initialisation
+        self.media = (MediaStream(data, tuple(uses), cfg.data, cfg.features, env.device, env.rank, env.world_size)
+                      if streams else None)
         if need_categories and model_cfg.category_levels is None and len(set(self.items.category_levels)) > 1:
             model_cfg = dataclasses.replace(model_cfg, category_levels=self.items.category_levels)
             cfg.model = model_cfg
@@ -83,8 +88,9 @@ class Trainer:
                               cfg.train.batch_unit)
         self.num_items = data.num_items + cfg.data.extra_items  # the catalogue: ids 1..num_items
         _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
-        model = build_model(model_cfg, self.items.num_categories, self.items.text_dim, self.items.image_dim)
-        model.fit_feature_statistics(self.items.text, self.items.image)
+        source = self.media or self.items
+        model = build_model(model_cfg, self.items.num_categories, source.text_dim, source.image_dim)
+        self._fit_feature_statistics(model)
         self.table = build_item_table(self.num_items, model_cfg.hidden_size, cfg.embedding.backend,
                                       cfg.embedding.sharding, cfg.embedding.optimizer, cfg.embedding.lr,
                                       cfg.embedding.eps, cfg.train.seed + 1, model_cfg.init_method, env.device)
@@ -116,7 +122,7 @@ class Trainer:
                   f"{self.plan.num_targets:,} targets ({model_cfg.sequence_mode}), {self.plan.steps_per_epoch} "
                   f"steps/epoch of {cfg.train.batch_size} {cfg.train.batch_unit}; {loss}; ID table: "
                   f"{cfg.embedding.backend}/{cfg.embedding.sharding}; dense: DeepSpeed ZeRO {cfg.train.zero_stage}, "
-                  f"{cfg.train.precision}")
+                  f"{cfg.train.precision}" + (f"; {self.media.describe()}" if self.media else ""))
         if resume and self.checkpointer.latest_tag() is None:
             _log(env, f"--resume: no checkpoint in {self.run_dir} yet; starting the run")
         if resume and self.checkpointer.latest_tag() is not None:
@@ -125,6 +131,14 @@ class Trainer:
             _log(env, f"resumed from {saved['tag']}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
 
     # ------------------------------------------------------------------ helpers
+    def _fit_feature_statistics(self, model) -> None:
+        """The input statistics of the content features, from the catalogue's tables (stream mode: encoded once)."""
+        if self.media is None:
+            model.fit_feature_statistics(self.items.text, self.items.image)
+        elif self.cfg.model.feature_normalization != "none":
+            catalogue = self.media.catalogue(self.items, self._shows_progress, "feature statistics: catalogue")
+            model.fit_feature_statistics(catalogue.text, catalogue.image)
+
     @property
     def model(self):
         return self.engine.module
@@ -140,7 +154,9 @@ class Trainer:
     def evaluate_split(self, split: str) -> dict:
         """Metrics of this rank's part of `split` ("valid" | "test"), all-reduced: the same on every rank."""
         cfg = self.cfg
-        return evaluate(self.model, self.table, self.items, self.local, split, cfg.model.max_seq_len,
+        items = self.items if self.media is None else self.media.catalogue(self.items, self._shows_progress,
+                                                                           f"{split}: encoding the catalogue")
+        return evaluate(self.model, self.table, items, self.local, split, cfg.model.max_seq_len,
                         cfg.eval.batch_size, tuple(cfg.eval.ks), self.env.device, self.dtype,
                         users=self.eval_users, chunk_size=cfg.model.score_chunk_size, progress=self._shows_progress,
                         exclude_history=cfg.eval.exclude_history)
@@ -150,6 +166,8 @@ class Trainer:
         return self.env.is_main and self.cfg.logging.progress
 
     def _write_metrics(self) -> None:
+        media = None if self.media is None else {"problems": self.media.problems(),  # a collective
+                                                 "rank0_totals": self.media.totals}
         if not self.env.is_main:
             return
         s = self.state
@@ -157,19 +175,25 @@ class Trainer:
             "valid": s["best_valid"], "test": s["best_test"], "best_epoch": s["best_epoch"],
             "selection_metric": f"valid {self.cfg.eval.metric}", "epochs_run": s["epoch"],
             "stopped_early": s["stopped_early"], "history": s["history"], "world_size": self.env.world_size,
-            "config_fingerprint": self.config_fp, "data_fingerprint": self.data_fp})
+            "config_fingerprint": self.config_fp, "data_fingerprint": self.data_fp,
+            **({"media": media} if media else {})})
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch) -> tuple:
-        """One optimizer step on this rank's slice of the global batch (global step = state["global_step"])."""
+    def train_step(self, batch, media=None) -> tuple:
+        """One optimizer step on this rank's slice of the global batch (global step = state["global_step"]).
+        Stream mode: `media` is the step's prepared MediaBatch (prepared here when None)."""
         batch = batch.to(self.env.device)
-        terms, output = self.losses(batch)
+        terms, output = self.losses(batch, media)
         return self._apply(terms, output, batch)
 
-    def losses(self, batch) -> tuple:
+    def losses(self, batch, media=None) -> tuple:
         """(loss terms, model output) of this rank's slice of a global batch (on the device); no optimizer step."""
         if self.sampler is not None:
-            return self._sampled_losses(batch)
+            if self.media is None:
+                return self._sampled_losses(batch, self.items)
+            if media is None:
+                media = self.media.prepare(self.step_item_ids(batch, self.state["global_step"]))
+            return self._sampled_losses(batch, self.media.encode(media, self.items))
         seq_emb, all_rows = self.table.lookup(batch.item_seq)
         items, dtype = self.items, self.dtype
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
@@ -184,18 +208,24 @@ class Trainer:
             return self.sampler.draw(step)
         return self.sampler.draw_per_target(step, batch.target_keys(self.cfg.model.max_seq_len))
 
-    def _sampled_losses(self, batch) -> tuple:
+    def step_item_ids(self, batch, global_step: int) -> torch.Tensor:
+        """Every item id the step at `global_step` reads on this rank (stream mode): sequences, targets, negatives."""
+        return torch.cat([batch.item_seq.reshape(-1), batch.targets.reshape(-1),
+                          self.sampler.draw(global_step).to(batch.item_seq.device)])
+
+    def _sampled_losses(self, batch, items) -> tuple:
         """Sampled losses: ONE lookup of the sequence ids and of the rows the loss needs (this rank's scored
-        targets + their negatives, deduplicated); features of the same ids; candidates on those."""
-        items, dtype, device = self.items, self.dtype, self.env.device
+        targets + their negatives, deduplicated); features of the same ids (`items`: the catalogue's tables or
+        a stream-mode step's encoded rows); candidates on those."""
+        dtype, device = self.dtype, self.env.device
         negatives = self._draw_negatives(batch).to(device)
         targets = batch.targets.reshape(-1)
         targets = targets[targets > 0]
         ids, inverse = torch.unique(torch.cat([targets, negatives.reshape(-1)]), return_inverse=True)
         seq_emb, id_rows = self.table.lookup(batch.item_seq, ids)
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
-        rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t[ids].to(dtype)
-                                                               for t in (items.text, items.image)))
+        rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t.to(dtype) for t in
+                                                               (items.rows("text", ids), items.rows("image", ids))))
         per_target = negatives.dim() == 2  # their vectors stay the distinct rows, indexed (scoring._per_row_scores)
         negative_index = inverse[len(targets):].reshape(negatives.shape) if per_target else None
         negative_rows = rows if per_target else rows[inverse[len(targets):]]
@@ -236,10 +266,10 @@ class Trainer:
             epoch_loss, epoch_n = torch.zeros(4), 0
             bar = progress_bar(self.plan.steps_per_epoch, f"epoch {epoch}", "step", self._shows_progress,
                                initial=s["step_in_epoch"])
-            for step, batch in self.plan.epoch_batches(epoch, s["step_in_epoch"]):
+            for (step, batch), media in self._epoch_steps(epoch):
                 window["samples"] += int(batch.real.sum())  # CPU tensors: no device sync
                 window["tokens"] += int(batch.seq_len[batch.real].sum())
-                terms, output, batch = self.train_step(batch)
+                terms, output, batch = self.train_step(batch, media)
                 values = torch.stack([terms.total, terms.recommendation, terms.mscl, terms.category]).detach()
                 window["loss"] = window["loss"] + values.float()  # stays on the device until logged
                 window["n"] += 1
@@ -272,10 +302,25 @@ class Trainer:
         self.monitor.flush()
         return {"valid": s["best_valid"], "test": s["best_test"]}
 
+    def _epoch_steps(self, epoch: int):
+        """((step, batch), media) of this rank for the rest of `epoch`; media: the step's prepared MediaBatch, made
+        features.prefetch steps ahead in a thread (stream mode), or None."""
+        s = self.state
+        steps = self.plan.epoch_batches(epoch, s["step_in_epoch"])
+        if self.media is None:
+            return ((step, None) for step in steps)
+        first_step, first_global = s["step_in_epoch"], s["global_step"]
+
+        def prepare(step_and_batch):
+            step, batch = step_and_batch
+            return self.media.prepare(self.step_item_ids(batch, first_global + step - first_step))
+        return prefetched(steps, prepare, self.cfg.features.prefetch)
+
     def _new_window(self) -> dict:
-        """What is summed between two log lines: samples, tokens, the 4 loss terms (kept on the device), steps."""
+        """What is summed between two log lines: samples, tokens, the 4 loss terms (kept on the device), steps, and
+        (stream mode) the media totals at its start."""
         return {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=self.env.device),
-                "n": 0}
+                "n": 0, "media": None if self.media is None else dict(self.media.totals)}
 
     def _log_window(self, window: dict) -> dict[str, str]:
         """Writes the window's losses and rates to TensorBoard; returns the two the progress bar shows."""
@@ -297,7 +342,26 @@ class Trainer:
             "perf/samples_per_s": float(packed[0]) / seconds, "perf/tokens_per_s": float(packed[1]) / seconds,
             "perf/step_time_s": seconds / max(window["n"], 1)}, step)
         self.monitor.memory(step)
-        return {"loss": f"{float(loss[0]):.4f}", "tokens/s": f"{float(packed[1]) / seconds:,.0f}"}
+        shown = {"loss": f"{float(loss[0]):.4f}", "tokens/s": f"{float(packed[1]) / seconds:,.0f}"}
+        if window["media"] is not None:
+            shown.update(self._log_media_window(window, seconds))
+        return shown
+
+    def _log_media_window(self, window: dict, seconds: float) -> dict[str, str]:
+        """Stream mode: images/s and texts/s over all ranks, and rank 0's seconds per step in each media phase."""
+        now, before = self.media.totals, window["media"]
+        counts = torch.tensor([now["images"] - before["images"], now["texts"] - before["texts"]],
+                              dtype=torch.float64)
+        if self.env.world_size > 1:
+            counts = counts.to(self.env.device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        steps = max(window["n"], 1)
+        self.monitor.scalars({"perf/images_per_s": float(counts[0]) / seconds,
+                              "perf/texts_per_s": float(counts[1]) / seconds,
+                              **{f"perf/stream/{phase}_s": (now[phase] - before[phase]) / steps
+                                 for phase in ("read", "decode", "tokenize", "encode")}}, self.state["global_step"])
+        return {"img/s": f"{float(counts[0]) / seconds:,.0f}", "txt/s": f"{float(counts[1]) / seconds:,.0f}"}
 
     def _log_signals(self, signals: dict) -> None:
         if not signals:
@@ -382,6 +446,8 @@ class Trainer:
     def release(self) -> None:
         """Close the monitor and the engine; the process group stays (another Trainer may follow)."""
         self.monitor.close()
+        if self.media is not None:
+            self.media.close()
         self.engine.destroy()  # removes ZeRO's grad hooks, which keep the engine and its process groups alive
 
     def close(self, wait_for_peers: bool = True) -> None:

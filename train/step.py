@@ -16,10 +16,11 @@ from cammsr.scoring import full_softmax_cross_entropy, sampled_recommendation_lo
 
 
 def model_inputs(batch, seq_emb: torch.Tensor, items, dtype: torch.dtype) -> tuple:
-    """Positional arguments of model.forward for a batch (features gathered by item id)."""
+    """Positional arguments of model.forward for a batch (features gathered by item id: `items` is the catalogue's
+    ItemInputs or a stream-mode step's StepFeatures)."""
     seq = batch.item_seq
-    text = None if items.text is None else items.text[seq].to(dtype)
-    image = None if items.image is None else items.image[seq].to(dtype)
+    text, image = (None if rows is None else rows.to(dtype) for rows in (items.rows("text", seq),
+                                                                         items.rows("image", seq)))
     cats = None if items.categories is None else items.categories[seq]
     has = None if items.has_category is None else items.has_category[seq] & batch.real[:, None]
     return seq, batch.seq_len, seq_emb.to(dtype), text, image, cats, has

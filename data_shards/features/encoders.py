@@ -80,6 +80,15 @@ class EncoderSpec:
                 f"|{opts}|w={self.weights_hash}")
 
 
+@dataclass
+class TokenizedTexts:
+    """Token batches of `TextEncoder.tokenize`: (input positions [b], tokenizer tensors) each; `truncated` [n] marks
+    the texts cut at max_length; `count` texts in all."""
+    batches: list[tuple[torch.Tensor, dict]]
+    truncated: np.ndarray
+    count: int
+
+
 def _fmt(value) -> str:
     if isinstance(value, (tuple, list)):
         return "(" + ",".join(_fmt(v) for v in value) + ")"
@@ -151,36 +160,53 @@ class TextEncoder(_FrozenEncoder):
     def pooling(self) -> str:
         return self.spec.pooling
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Vectors on the encoder's device. Texts are bucketed by token length (less padding); each
-        text's vector does not depend on its batch-mates beyond float rounding (attention masking)."""
+    def tokenize(self, texts: Sequence[str], batch_size: int = 64) -> "TokenizedTexts":
+        """Texts -> padded token batches of similar lengths (less padding), each with the input positions it holds;
+        texts longer than max_length are truncated and flagged. A text's vector does not depend on its batch-mates
+        beyond float rounding (attention masking)."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a single string")
         texts = list(texts)
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"encode() takes strings; got {type(text).__name__}")
-        device = self.device
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=device)
         if not texts:
-            return out
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+            return TokenizedTexts([], np.zeros(0, dtype=bool), 0)
+        # one token past the limit tells a truncated text from one that fits exactly
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length + 1,
+                                                      padding=False)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        batches = []
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            tokens = self.tokenizer([texts[i] for i in chunk], truncation=True, max_length=self.max_length,
+                                    padding=True, return_tensors="pt")
+            batches.append((torch.as_tensor(chunk), dict(tokens)))
+        return TokenizedTexts(batches, np.asarray(lengths) > self.max_length, len(texts))
+
+    def token_states(self, tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token batch -> (last hidden states [n, T, dim], mask [n, T] bool, False at padding)."""
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        return self.model(**tokens).last_hidden_state, tokens["attention_mask"].bool()
+
+    def pool(self, tokens: dict) -> torch.Tensor:
+        """One token batch -> pooled float32 vectors [n, dim] (gradients flow where the caller enables them)."""
+        hidden, mask = self.token_states(tokens)
+        hidden = hidden.float()
+        if self.pooling == "cls":
+            vectors = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return nn.functional.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """float32 [n, dim] vectors on the encoder's device, no gradients."""
+        tokenized = self.tokenize(texts, batch_size)
+        out = torch.empty(tokenized.count, self.dim, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                batch = self.tokenizer([texts[i] for i in chunk], truncation=True, max_length=self.max_length,
-                                       padding=True, return_tensors="pt")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                hidden = self.model(**batch).last_hidden_state.float()
-                if self.pooling == "cls":
-                    vectors = hidden[:, 0]
-                else:
-                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                if self.normalize:
-                    vectors = nn.functional.normalize(vectors, dim=-1)
-                out[torch.as_tensor(chunk, device=device)] = vectors
+            for positions, tokens in tokenized.batches:
+                out[positions.to(self.device)] = self.pool(tokens)
         return out
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
@@ -258,23 +284,29 @@ class ImageEncoder(_FrozenEncoder):
         # True when this load ran the ONNX -> transformers conversion (False: read from the cache).
         self.converted = converted
 
+    def patch_states(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [n, 3, H, W] (normalised) -> last hidden states [n, 1 + patches, dim]: [CLS], then the patches."""
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=pixels.to(device=self.device, dtype=dtype)).last_hidden_state
+
+    def pool(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[CLS] vectors float32 [n, dim] (gradients flow where the caller enables them)."""
+        return self.patch_states(pixels)[:, 0].float()
+
     def encode(self, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """pixels: float [n, 3, H, W], normalised with ``.mean``/``.std`` from 0-1 RGB, H = W =
         ``.image_size`` expected (DINOv2 also takes other multiples of its patch size by interpolating
-        position embeddings). Returns float32 [n, dim] on the encoder's device."""
+        position embeddings). Returns float32 [n, dim] on the encoder's device, no gradients."""
         if not torch.is_tensor(pixels) or pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be a [n, 3, H, W] tensor, got "
                              f"{tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__}")
         if not pixels.is_floating_point():
             raise TypeError("pixels must be float and normalised (see .preprocess)")
-        device = self.device
-        dtype = next(self.model.parameters()).dtype
-        out = torch.empty(pixels.shape[0], self.dim, dtype=torch.float32, device=device)
+        out = torch.empty(pixels.shape[0], self.dim, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for start in range(0, pixels.shape[0], batch_size):
-                chunk = pixels[start:start + batch_size].to(device=device, dtype=dtype)
-                hidden = self.model(pixel_values=chunk).last_hidden_state
-                out[start:start + chunk.shape[0]] = hidden[:, 0].float()
+                chunk = pixels[start:start + batch_size]
+                out[start:start + chunk.shape[0]] = self.pool(chunk)
         return out
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
