@@ -144,8 +144,12 @@ def _train_cmd(dataset, encoders, run_dir, *extra, resume=False):
 
 
 def test_stream_kill_resume_equals_uninterrupted(dataset, encoders, tmp_path):
+    """A stream run builds no feature store, shows its media rates, resumes after SIGKILL on the same curve, and
+    `cammsr recommend` re-encodes its catalogue from the shards."""
+    dataset = shutil.copytree(dataset, tmp_path / "data", ignore=shutil.ignore_patterns("features"))
     full = tmp_path / "full"
     trained = _run(_train_cmd(dataset, encoders, full))
+    assert not (dataset / "features").exists()
     assert "features streamed from the shards" in trained.stdout
     metrics = json.loads((full / "metrics.json").read_text())
     totals = metrics["media"]["rank0_totals"]
@@ -170,6 +174,20 @@ def test_stream_kill_resume_equals_uninterrupted(dataset, encoders, tmp_path):
     after = json.loads((killed / "metrics.json").read_text())
     assert after["valid"] == metrics["valid"] and after["test"] == metrics["test"]
     assert [r["valid"] for r in after["history"]] == [r["valid"] for r in metrics["history"]]
+
+    # `cammsr recommend` on a stream run encodes the catalogue from the shards (no store exists) and reproduces the
+    # run's own metrics
+    from train.data import LocalSequences
+    from train.embeddings import TorchItemTable
+    from train.evaluate import evaluate
+    from train.recommend import RunRecommender
+    rec = RunRecommender(full)
+    cfg, local = rec.cfg, LocalSequences(rec.data, 0, 1)
+    table = TorchItemTable(rec.id_rows, "exact_sgd", 0.1, 1e-8, rec.device)
+    with rec.as_trained(), torch.no_grad():
+        got = evaluate(rec.model, table, rec.items, local, "test", cfg.model.max_seq_len, cfg.eval.batch_size,
+                       tuple(cfg.eval.ks), rec.device, rec.dtype)
+    assert got == metrics["test"]
 
 
 def _rewrite_item_shard(root, edit) -> None:

@@ -266,7 +266,7 @@ class Trainer:
             epoch_loss, epoch_n = torch.zeros(4), 0
             bar = progress_bar(self.plan.steps_per_epoch, f"epoch {epoch}", "step", self._shows_progress,
                                initial=s["step_in_epoch"])
-            for (step, batch), media in self._epoch_steps(epoch):
+            for (step, batch), media in self.epoch_steps(epoch):
                 window["samples"] += int(batch.real.sum())  # CPU tensors: no device sync
                 window["tokens"] += int(batch.seq_len[batch.real].sum())
                 terms, output, batch = self.train_step(batch, media)
@@ -302,7 +302,7 @@ class Trainer:
         self.monitor.flush()
         return {"valid": s["best_valid"], "test": s["best_test"]}
 
-    def _epoch_steps(self, epoch: int):
+    def epoch_steps(self, epoch: int):
         """((step, batch), media) of this rank for the rest of `epoch`; media: the step's prepared MediaBatch, made
         features.prefetch steps ahead in a thread (stream mode), or None."""
         s = self.state

@@ -187,7 +187,6 @@ class RunRecommender:
 
     def __init__(self, run_dir: Path | str, checkpoint: str = "best", data_path: Path | str | None = None):
         from train.engine import _lift_scalar_parameters, compute_dtype, select_deepspeed_accelerator
-        from train.items import load_item_inputs
         from train.loop import data_fingerprint
         select_deepspeed_accelerator()
         self.run_dir = run_dir = Path(run_dir)
@@ -216,7 +215,7 @@ class RunRecommender:
         need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
         self.dtype = dtype = compute_dtype(cfg.train)
         id_rows, self.device = _table_rows(cfg, self.num_rows, self.folder / "sparse")
-        self.items = items = load_item_inputs(data, tuple(uses), need_categories, self.device)
+        self.items = items = self._item_inputs(data, tuple(uses), need_categories)
         model = build_model(model_cfg, items.num_categories, items.text_dim, items.image_dim)
         _lift_scalar_parameters(model)  # the engine's checkpoints hold 0-dim parameters with shape [1]
         for param in model.parameters():  # DeepSpeed casts parameters only
@@ -231,6 +230,21 @@ class RunRecommender:
         self.model = model.to(self.device).eval()
         self.id_rows = id_rows.to(self.device)
         self.candidates = self._candidates(self.id_rows)
+
+    def _item_inputs(self, data: PreparedDataset, uses: tuple[str, ...], need_categories: bool):
+        """The catalogue's feature tables as the run trained with them: its feature stores, or (features.mode=stream)
+        the catalogue encoded now from the shards with the run's encoders."""
+        from train.items import load_item_inputs
+        from train.media import MediaStream
+        streams = self.cfg.features.mode == "stream" and bool(set(uses) & {"text", "image"})
+        items = load_item_inputs(data, () if streams else uses, need_categories, self.device)
+        if not streams:
+            return items
+        stream = MediaStream(data, uses, self.cfg.data, self.cfg.features, self.device, 0, 1)
+        try:
+            return stream.catalogue(items, progress=True)
+        finally:
+            stream.close()
 
     @torch.no_grad()
     def _candidates(self, id_rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""Cached vs stream feature modes, side by side in one run: training steps of the same config and data, each mode
+its own Trainer, timed step by step; then where stream mode's step time goes.
+
+    python -m benchmarks.stream_benchmark --data data/quickstart --config configs/quickstart.yaml --steps 12 \\
+        [--modes cached,stream_inline,stream] [--record ID] [key=value ...]
+
+Modes: `cached` (the feature store; built first when missing, not timed), `stream_inline` (features.mode=stream,
+features.prefetch=0: read, decode and tokenize in the step, so the phases add up to the step), `stream`
+(features.prefetch=1: those phases overlap the previous step in a thread). The first --warmup steps of each mode
+are not timed. An epoch's time is extrapolated from the timed steps (steps/epoch x mean step time); one validation
+round is timed as well (stream mode encodes the catalogue in it). Stream mode needs a sampled loss: the script sets
+model.loss_type=sampled_softmax (train.num_negatives from the config or the overrides) for every mode alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+MODES = {"cached": ["features.mode=cached"],
+         "stream_inline": ["features.mode=stream", "features.prefetch=0"],
+         "stream": ["features.mode=stream", "features.prefetch=1"]}
+PHASES = ("read", "decode", "tokenize", "encode")
+
+
+def time_mode(data: str, config: str | None, overrides: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
+    from train.config import load_config
+    from train.loop import Trainer
+    cfg = load_config(config, [f"data.path={data}", "model.loss_type=sampled_softmax", "logging.tensorboard=false",
+                               "checkpoint.enabled=false", "eval.test=never", "logging.progress=false", *overrides])
+    trainer = Trainer(cfg, run_dir)
+    media = trainer.media
+    times, targets, before = [], 0, None
+    for index, ((_, batch), prepared) in enumerate(trainer.epoch_steps(0)):
+        if index == warmup:
+            before = dict(media.totals) if media else None
+        if index == warmup + steps:
+            break
+        started = time.perf_counter()
+        trainer.train_step(batch, prepared)
+        trainer.state["global_step"] += 1
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+            targets += batch.num_targets
+    started = time.perf_counter()
+    valid = trainer.evaluate_split("valid")
+    valid_seconds = time.perf_counter() - started
+    step = sum(times) / len(times)
+    result = {"steps_timed": len(times), "s_per_step": step, "targets_per_s": targets / sum(times),
+              "steps_per_epoch": trainer.plan.steps_per_epoch, "epoch_s": step * trainer.plan.steps_per_epoch,
+              "valid_round_s": valid_seconds, "valid_ndcg@10": valid["ndcg@10"]}
+    if media is not None:
+        now = media.totals
+        result["images_per_s"] = (now["images"] - before["images"]) / sum(times)
+        result["texts_per_s"] = (now["texts"] - before["texts"]) / sum(times)
+        result["phase_s_per_step"] = {p: (now[p] - before[p]) / len(times) for p in PHASES}
+        result["decoder"] = media.decoder_name
+    trainer.release()
+    return result
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'mode':<14} {'s/step':>8} {'targets/s':>10} {'images/s':>9} {'texts/s':>8} {'epoch s':>9} "
+          f"{'valid s':>8}")
+    for mode, r in results.items():
+        print(f"{mode:<14} {r['s_per_step']:>8.2f} {r['targets_per_s']:>10,.0f} {r.get('images_per_s', 0):>9,.0f} "
+              f"{r.get('texts_per_s', 0):>8,.0f} {r['epoch_s']:>9.1f} {r['valid_round_s']:>8.1f}")
+    inline = results.get("stream_inline")
+    if inline:
+        phases = inline["phase_s_per_step"]
+        model = inline["s_per_step"] - sum(phases.values())
+        print("\nstream_inline, seconds per step: " + ", ".join(f"{p} {phases[p]:.3f}" for p in PHASES)
+              + f", model (ID table, CAMMSR, loss, optimizer) {model:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stream_benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="cached,stream_inline,stream")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/stream_benchmark"))
+    parser.add_argument("--record", help="write benchmarks/results/<ID>.json with this id")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from benchmarks.machine import describe_machine
+    from train.distributed import shutdown
+    machine = describe_machine()
+    results = {}
+    for mode in args.modes.split(","):
+        print(f"== {mode}", flush=True)
+        results[mode] = time_mode(args.data, args.config, [*args.overrides, *MODES[mode]], args.steps, args.warmup,
+                                  args.run_dir / mode)
+    shutdown()
+    print(f"\n{machine['cpu']}, {machine['cores']} cores, GPU {machine['gpu']}; torch {machine['torch']}; "
+          f"{machine['date']}; load {machine['load_average_1m']}")
+    print_table(results)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    (args.run_dir / "results.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    if args.record:
+        write_records(args, results, machine)
+    return 0
+
+
+def write_records(args, results: dict, machine: dict) -> None:
+    from benchmarks.results import write_record
+    command = "python -m benchmarks.stream_benchmark " + " ".join(
+        [f"--data {args.data}"] + ([f"--config {args.config}"] if args.config else [])
+        + [f"--steps {args.steps}", f"--modes {args.modes}", f"--record {args.record}", *args.overrides])
+    stream = results.get("stream") or results["stream_inline"]
+    details = {"s/step": round(stream["s_per_step"], 3), "targets/s": round(stream["targets_per_s"]),
+               "images/s": round(stream["images_per_s"], 1), "texts/s": round(stream["texts_per_s"], 1),
+               "decoder": stream["decoder"], "steps timed": stream["steps_timed"]}
+    if "cached" in results:
+        details["cached s/step"] = round(results["cached"]["s_per_step"], 3)
+    inline = results.get("stream_inline")
+    if inline:
+        phases = inline["phase_s_per_step"]
+        details.update({f"inline {p} s/step": round(phases[p], 3) for p in PHASES})
+        details["inline model s/step"] = round(inline["s_per_step"] - sum(phases.values()), 3)
+    reference = ({"name": "cached mode, same run", "value": round(results["cached"]["epoch_s"], 1)}
+                 if "cached" in results else None)
+    write_record(args.record, area="Stream mode", claim=f"training epoch with media streamed and encoded in the step, "
+                 f"{Path(args.data).name}", metric="s/epoch (extrapolated)", ours=round(stream["epoch_s"], 1),
+                 reference=reference, higher_is_better=False, details=details, ranking="no ranking metric",
+                 command=command, machine=machine)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
