@@ -32,17 +32,22 @@ def time_mode(data: str, config: str | None, overrides: list[str], steps: int, w
     trainer = Trainer(cfg, run_dir)
     media = trainer.media
     times, targets, before = [], 0, None
-    for index, ((_, batch), prepared) in enumerate(trainer.epoch_steps(0)):
+    if warmup + steps > trainer.plan.steps_per_epoch:
+        raise SystemExit(f"--warmup + --steps = {warmup + steps} is more than an epoch's "
+                         f"{trainer.plan.steps_per_epoch} steps")
+    iterator = trainer.epoch_steps(0)
+    for index in range(warmup + steps):
         if index == warmup:
             before = dict(media.totals) if media else None
-        if index == warmup + steps:
-            break
-        started = time.perf_counter()
+        started = time.perf_counter()  # the step's media preparation included: inline, it is part of the step
+        (_, batch), prepared = next(iterator)
         trainer.train_step(batch, prepared)
         trainer.state["global_step"] += 1
         if index >= warmup:
             times.append(time.perf_counter() - started)
             targets += batch.num_targets
+    iterator.close()
+    after = dict(media.totals) if media else None
     started = time.perf_counter()
     valid = trainer.evaluate_split("valid")
     valid_seconds = time.perf_counter() - started
@@ -51,7 +56,7 @@ def time_mode(data: str, config: str | None, overrides: list[str], steps: int, w
               "steps_per_epoch": trainer.plan.steps_per_epoch, "epoch_s": step * trainer.plan.steps_per_epoch,
               "valid_round_s": valid_seconds, "valid_ndcg@10": valid["ndcg@10"]}
     if media is not None:
-        now = media.totals
+        now = after
         result["images_per_s"] = (now["images"] - before["images"]) / sum(times)
         result["texts_per_s"] = (now["texts"] - before["texts"]) / sum(times)
         result["phase_s_per_step"] = {p: (now[p] - before[p]) / len(times) for p in PHASES}
