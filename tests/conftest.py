@@ -85,7 +85,7 @@ def write_tiny_encoders(folder: Path) -> tuple[Path, Path]:
     1-layer BERT (16-d, 32 positions, all-MiniLM-L6-v2's tokenizer) and a 1-layer DINOv2 (16-d, 32 px, 8-px
     patches). What `data.text_encoder` / `data.image_encoder` take as paths. Initialised wide (std 0.5): at
     transformers' default 0.02 a random BERT gives every text nearly the same [CLS] vector (per-dimension spread
-    below fp16's resolution), which no model could learn from."""
+    below fp16's resolution), which no model could learn from. No dropout, so that training them is deterministic."""
     import json
 
     import torch
@@ -99,7 +99,7 @@ def write_tiny_encoders(folder: Path) -> tuple[Path, Path]:
     tokenizer.save_pretrained(str(text_dir))
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
-                         initializer_range=0.5)
+                         initializer_range=0.5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
               ).save_pretrained(str(text_dir))
     Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
                              patch_size=8, image_size=32, initializer_range=0.5)).save_pretrained(str(image_dir))

@@ -150,14 +150,14 @@ def test_stream_kill_resume_equals_uninterrupted(dataset, encoders, tmp_path):
     full = tmp_path / "full"
     trained = _run(_train_cmd(dataset, encoders, full))
     assert not (dataset / "features").exists()
-    assert "features streamed from the shards" in trained.stdout
+    assert "content features computed in the run" in trained.stdout and "in the step, frozen" in trained.stdout
     metrics = json.loads((full / "metrics.json").read_text())
     totals = metrics["media"]["rank0_totals"]
     assert totals["images"] > 0 and totals["texts"] > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(full / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    for tag in ("perf/images_per_s", "perf/texts_per_s", "perf/samples_per_s", "perf/stream/decode_s"):
+    for tag in ("perf/images_per_s", "perf/texts_per_s", "perf/targets_per_s", "perf/stream/decode_s"):
         assert tag in events.Tags()["scalars"], tag
 
     killed = tmp_path / "killed"

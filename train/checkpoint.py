@@ -90,7 +90,8 @@ class Checkpointer:
             folder.mkdir(parents=True)
         _barrier()
         dcp.save({"sparse": table.sharded_state()}, checkpoint_id=str(folder / "sparse"))
-        engine.save_checkpoint(str(folder / "engine"), tag="state", save_latest=False)
+        # frozen parameters (a pretrained encoder's backbone) come from their own files, not from the checkpoint
+        engine.save_checkpoint(str(folder / "engine"), tag="state", save_latest=False, exclude_frozen_parameters=True)
         torch.save(rng_state(), folder / f"rng-rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
@@ -143,5 +144,6 @@ class Checkpointer:
 
     @staticmethod
     def _load_engine(folder: Path, engine) -> None:
+        frozen = [name for name, param in engine.module.named_parameters() if not param.requires_grad]
         engine.load_checkpoint(str(folder / "engine"), tag="state", load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+                               load_lr_scheduler_states=True, load_module_strict=not frozen)

@@ -52,6 +52,19 @@ class FeaturesConfig:
     prefetch: int = 1  # stream mode: steps whose media are read/decoded/tokenized ahead, in a thread (0 = inline)
     encode_batch_size: int = 256  # stream mode: images per decode run and per encoder call; items per catalogue chunk
     decode_threads: int = 2  # stream mode: DALI's CPU threads
+    # Which encoder parameters train with the recommender (train.encoder_tuning): frozen | top_layers | lora (both
+    # stream mode only: the encoders run in the step) | side_adapter (a small network over the frozen backbone's
+    # per-layer states, encoded once per run). tune_text / tune_image override it per modality ("" = tune).
+    tune: str = "frozen"
+    tune_text: str = ""
+    tune_image: str = ""
+    tune_layers: int = 1  # top_layers: how many of the last transformer blocks train
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    side_bottleneck: int = 64  # side_adapter: width of each layer's bottleneck adapter
+    lr: float = 1e-4  # the encoders' parameter group (the recommender keeps train.lr)
+    weight_decay: float = 0.0
+    activation_checkpointing: bool = False  # recompute the trained encoders' blocks in backward (less memory)
 
 
 @dataclass
@@ -180,7 +193,7 @@ class Config:
         tree["eval"].pop("in_warmup")
         tree["data"].pop("path")
         tree["data"].pop("extract_batch_size")
-        for speed_only in ("prefetch", "encode_batch_size", "decode_threads"):
+        for speed_only in ("prefetch", "encode_batch_size", "decode_threads", "activation_checkpointing"):
             tree["features"].pop(speed_only)
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -435,18 +448,36 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
 
 
 def _validate_features(cfg: Config) -> None:
+    from train.encoder_tuning import TUNE_MODES
     f = cfg.features
     for key, value in (("features.encode_batch_size", f.encode_batch_size), ("features.decode_threads",
-                                                                            f.decode_threads)):
+                                                                            f.decode_threads),
+                       ("features.tune_layers", f.tune_layers), ("features.lora_rank", f.lora_rank),
+                       ("features.lora_alpha", f.lora_alpha), ("features.side_bottleneck", f.side_bottleneck),
+                       ("features.lr", f.lr)):
         if value <= 0:
             raise ConfigError(f"{key}={value!r}: must be > 0")
-    if f.mode != "stream":
+    if f.weight_decay < 0:
+        raise ConfigError(f"features.weight_decay={f.weight_decay!r}: must be >= 0")
+    for key in ("tune", "tune_text", "tune_image"):
+        value = getattr(f, key)
+        if value not in TUNE_MODES and not (key != "tune" and value == ""):
+            raise ConfigError(f"features.{key}={value!r}: must be one of {list(TUNE_MODES)}"
+                              + ("" if key == "tune" else " or '' (= features.tune)"))
+    for modality in ("text", "image"):
+        mode = getattr(f, f"tune_{modality}") or f.tune
+        if mode in ("top_layers", "lora") and f.mode != "stream":
+            raise ConfigError(f"features.tune_{modality}={mode!r} trains the {modality} encoder inside the step: it "
+                              "needs features.mode=stream (cached mode never runs the encoder)")
+    adapted = [m for m in ("text", "image") if (getattr(f, f"tune_{m}") or f.tune) == "side_adapter"]
+    if f.mode != "stream" and not adapted:
         return
+    why = "features.mode='stream'" if f.mode == "stream" else f"a side adapter ({', '.join(adapted)})"
     if cfg.model.loss_type == "full_softmax":
-        raise ConfigError("features.mode='stream' with model.loss_type='full_softmax': a full softmax scores every "
-                          "item, so every step would encode the whole catalogue from raw media; set "
-                          "model.loss_type=sampled_softmax (or gbce) and train.num_negatives, or features.mode=cached")
+        raise ConfigError(f"{why} with model.loss_type='full_softmax': a full softmax scores every item, so every "
+                          "step would encode the whole catalogue; set model.loss_type=sampled_softmax (or gbce) and "
+                          "train.num_negatives" + (", or features.mode=cached" if f.mode == "stream" else ""))
     if cfg.train.negative_sharing != "shared":
-        raise ConfigError(f"features.mode='stream' with train.negative_sharing={cfg.train.negative_sharing!r}: each "
-                          "target's own negatives would encode up to targets x num_negatives items per step; set "
+        raise ConfigError(f"{why} with train.negative_sharing={cfg.train.negative_sharing!r}: each target's own "
+                          "negatives would encode up to targets x num_negatives items per step; set "
                           "train.negative_sharing=shared")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from train.config import TrainConfig
+from train.trained_modules import RecommenderWithEncoders
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
@@ -86,12 +87,23 @@ def select_deepspeed_accelerator() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_engine(model: nn.Module, train: TrainConfig, world_size: int, total_steps: int):
+def parameter_groups(model: nn.Module, features) -> list[dict]:
+    """The recommender's parameters (train.lr, train.weight_decay) and, where encoders train with it, their trainable
+    parameters as a group of their own (features.lr, features.weight_decay). Frozen parameters are in no group."""
+    if not isinstance(model, RecommenderWithEncoders):
+        return [{"params": list(model.parameters())}]
+    encoders = [p for p in model.encoders.parameters() if p.requires_grad]
+    return [{"params": list(model.recommender.parameters())},
+            {"params": encoders, "lr": features.lr, "weight_decay": features.weight_decay}]
+
+
+def build_engine(model: nn.Module, train: TrainConfig, world_size: int, total_steps: int, features=None):
+    """`features` (the FeaturesConfig) is needed where `model` holds trained encoders."""
     select_deepspeed_accelerator()
     import deepspeed
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))
     _lift_scalar_parameters(model)
-    optimizer = client_optimizer(train, model.parameters())
+    optimizer = client_optimizer(train, parameter_groups(model, features))
     schedule = lr_lambda(train, total_steps)
     if train.zero_stage == 3:
         _register_external_parameters(model)

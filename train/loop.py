@@ -27,10 +27,11 @@ from train.embeddings import build_item_table, describe_plan
 from train.engine import backward_pass, build_engine, compute_dtype
 from train.evaluate import evaluate, evaluation_users
 from train.items import ensure_feature_stores, load_item_inputs
-from train.media import MediaStream, prefetched
+from train.media import MediaStream, computed_modalities, prefetched
 from train.monitor import Monitor, progress_bar, write_metrics
 from train.negatives import NegativeSampler, training_counts
 from train.step import model_inputs, training_loss
+from train.trained_modules import RecommenderWithEncoders, recommender_of
 
 
 def data_fingerprint(data: PreparedDataset) -> str:
@@ -55,10 +56,11 @@ class Trainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         model_cfg = cfg.model
         uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
-        streams = cfg.features.mode == "stream" and bool(uses & {"text", "image"})
-        if not streams:  # before the process group: extraction may take longer than a collective timeout
-            ensure_feature_stores(Path(cfg.data.path), tuple(uses), cfg.data.build_features, cfg.data.text_encoder,
-                                  cfg.data.image_encoder, cfg.data.image_size, cfg.data.extract_batch_size)
+        computed = computed_modalities(cfg, uses)  # text/image computed in the run, not read from a store
+        stored = tuple(m for m in ("text", "image") if m in uses and m not in computed)
+        # before the process group: extraction may take longer than a collective timeout
+        ensure_feature_stores(Path(cfg.data.path), stored, cfg.data.build_features, cfg.data.text_encoder,
+                              cfg.data.image_encoder, cfg.data.image_size, cfg.data.extract_batch_size)
         self.env = env = init_distributed(cfg.distributed.timeout_s, cfg.distributed.backend)
         self.checkpointer = Checkpointer(self.run_dir, env.rank, cfg.checkpoint.keep)
         if not resume and self.checkpointer.latest_tag() is not None:
@@ -70,10 +72,12 @@ class Trainer:
         if env.world_size > 1:
             dist.barrier()
         need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
-        self.items = load_item_inputs(data, () if streams else tuple(uses), need_categories, env.device)
+        self.items = load_item_inputs(data, stored, need_categories, env.device)
         # loading an encoder draws from torch's generator: before the seeded model initialisation
-        self.media = (MediaStream(data, tuple(uses), cfg.data, cfg.features, env.device, env.rank, env.world_size)
-                      if streams else None)
+        self.media = (MediaStream(data, computed, cfg.data, cfg.features, env.device, env.rank, env.world_size,
+                                  cfg.train.seed + 2) if computed else None)
+        if self.media is not None:
+            self.media.fit_side_states(self._shows_progress)
         if need_categories and model_cfg.category_levels is None and len(set(self.items.category_levels)) > 1:
             model_cfg = dataclasses.replace(model_cfg, category_levels=self.items.category_levels)
             cfg.model = model_cfg
@@ -88,8 +92,8 @@ class Trainer:
                               cfg.train.batch_unit)
         self.num_items = data.num_items + cfg.data.extra_items  # the catalogue: ids 1..num_items
         _seed_all(cfg.train.seed)  # identical dense initialisation on every rank, for every world size
-        source = self.media or self.items
-        model = build_model(model_cfg, self.items.num_categories, source.text_dim, source.image_dim)
+        model = build_model(model_cfg, self.items.num_categories, self._feature_dim("text"),
+                            self._feature_dim("image"))
         self._fit_feature_statistics(model)
         self.table = build_item_table(self.num_items, model_cfg.hidden_size, cfg.embedding.backend,
                                       cfg.embedding.sharding, cfg.embedding.optimizer, cfg.embedding.lr,
@@ -103,7 +107,11 @@ class Trainer:
                                            t.negative_sampler_exponent)
         self.eval_users = evaluation_users(self.local, cfg.eval.max_users, cfg.train.seed)
         total_steps = self.plan.steps_per_epoch * cfg.train.max_epochs
-        self.engine, self.scheduler = build_engine(model, cfg.train, env.world_size, total_steps)
+        trained = {} if self.media is None else self.media.trained_modules()
+        for module in trained.values():
+            module.to(env.device)
+        self.engine, self.scheduler = build_engine(RecommenderWithEncoders(model, trained) if trained else model,
+                                                   cfg.train, env.world_size, total_steps, cfg.features)
         self.dtype = compute_dtype(cfg.train)
         _seed_all(cfg.train.seed + 1000 * (env.rank + 1))  # dropout / swap draws differ across ranks
         # called as on_validation(epoch, metric) after each validation round that may select the best epoch (a
@@ -131,6 +139,11 @@ class Trainer:
             _log(env, f"resumed from {saved['tag']}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']}")
 
     # ------------------------------------------------------------------ helpers
+    def _feature_dim(self, modality: str) -> int:
+        if self.media is not None and modality in self.media.paths:
+            return self.media.dim(modality)
+        return self.items.text_dim if modality == "text" else self.items.image_dim
+
     def _fit_feature_statistics(self, model) -> None:
         """The input statistics of the content features, from the catalogue's tables (stream mode: encoded once)."""
         if self.media is None:
@@ -141,7 +154,8 @@ class Trainer:
 
     @property
     def model(self):
-        return self.engine.module
+        """The recommender (the engine's module, or its recommender where encoders train with it)."""
+        return recommender_of(self.engine.module)
 
     def _checkpoint(self, tag_epoch: int, tag_step: int) -> None:
         if not self.cfg.checkpoint.enabled:
@@ -193,7 +207,7 @@ class Trainer:
                 return self._sampled_losses(batch, self.items)
             if media is None:
                 media = self.media.prepare(self.step_item_ids(batch, self.state["global_step"]))
-            return self._sampled_losses(batch, self.media.encode(media, self.items))
+            return self._sampled_losses(batch, self.media.encode(media, self.items, training=self.model.training))
         seq_emb, all_rows = self.table.lookup(batch.item_seq)
         items, dtype = self.items, self.dtype
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
@@ -268,6 +282,7 @@ class Trainer:
                                initial=s["step_in_epoch"])
             for (step, batch), media in self.epoch_steps(epoch):
                 window["samples"] += int(batch.real.sum())  # CPU tensors: no device sync
+                window["targets"] += batch.num_targets
                 window["tokens"] += int(batch.seq_len[batch.real].sum())
                 terms, output, batch = self.train_step(batch, media)
                 values = torch.stack([terms.total, terms.recommendation, terms.mscl, terms.category]).detach()
@@ -317,15 +332,16 @@ class Trainer:
         return prefetched(steps, prepare, self.cfg.features.prefetch)
 
     def _new_window(self) -> dict:
-        """What is summed between two log lines: samples, tokens, the 4 loss terms (kept on the device), steps, and
+        """What is summed between two log lines: samples, tokens, targets, the 4 loss terms (on the device), steps, and
         (stream mode) the media totals at its start."""
-        return {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": torch.zeros(4, device=self.env.device),
+        return {"t": time.perf_counter(), "samples": 0, "tokens": 0, "targets": 0,
+                "loss": torch.zeros(4, device=self.env.device),
                 "n": 0, "media": None if self.media is None else dict(self.media.totals)}
 
     def _log_window(self, window: dict) -> dict[str, str]:
         """Writes the window's losses and rates to TensorBoard; returns the two the progress bar shows."""
         env, s = self.env, self.state
-        counts = torch.tensor([window["samples"], window["tokens"]], dtype=torch.float64)
+        counts = torch.tensor([window["samples"], window["tokens"], window["targets"]], dtype=torch.float64)
         loss = window["loss"].detach().cpu().double() / max(window["n"], 1)
         packed = torch.cat([counts, loss])
         if env.world_size > 1:
@@ -333,18 +349,19 @@ class Trainer:
             dist.all_reduce(packed)
             packed = packed.cpu()
         seconds = max(time.perf_counter() - window["t"], 1e-9)
-        loss = packed[2:] / env.world_size
+        loss = packed[3:] / env.world_size
         step = s["global_step"]
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
         self.monitor.scalars({
             "train/loss/total": float(loss[0]), "train/loss/recommendation": float(loss[1]),
             "train/loss/mscl": float(loss[2]), "train/loss/category": float(loss[3]), "train/lr": lr,
             "perf/samples_per_s": float(packed[0]) / seconds, "perf/tokens_per_s": float(packed[1]) / seconds,
-            "perf/step_time_s": seconds / max(window["n"], 1)}, step)
+            "perf/targets_per_s": float(packed[2]) / seconds, "perf/step_time_s": seconds / max(window["n"], 1)}, step)
         self.monitor.memory(step)
         shown = {"loss": f"{float(loss[0]):.4f}", "tokens/s": f"{float(packed[1]) / seconds:,.0f}"}
-        if window["media"] is not None:
-            shown.update(self._log_media_window(window, seconds))
+        if window["media"] is not None:  # stream mode: targets/s beside the media rates
+            shown = {"loss": shown["loss"], "targets/s": f"{float(packed[2]) / seconds:,.0f}",
+                     **self._log_media_window(window, seconds)}
         return shown
 
     def _log_media_window(self, window: dict, seconds: float) -> dict[str, str]:

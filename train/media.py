@@ -1,16 +1,18 @@
-"""Stream mode (`features.mode=stream`): item images and texts come from the shards by id and go through the
-encoders inside the training step, instead of a feature store built beforehand.
+"""Content features computed in the run instead of read from a feature store: stream mode (`features.mode=stream`:
+item images and texts come from the shards by id and go through the encoders inside the training step) and the
+encoders' trainable parts (`features.tune`: top layers, LoRA adapters, side adapters; train.encoder_tuning).
 
 Per global step, each rank needs the media of its unique item ids: its sequences' items, its scored targets and the
 step's shared negatives. A background thread reads, decodes (DALI) and tokenizes them for step k+1 while step k
-computes (`prefetched`); the encoders run in the step, on the rank's device (bf16 autocast on GPU), and their
-vectors feed the model through `StepFeatures.rows`, exactly where cached mode reads its tables.
+computes (`prefetched`); the step turns them into [U, F] rows per modality (train.modality_paths) and the model reads
+them through `StepFeatures.rows`, exactly where cached mode reads its tables.
 
-Evaluation (and the feature statistics before training) encode the whole catalogue: each rank its contiguous part,
-in chunks, then all ranks gather the tables, so ranking is the same code as in cached mode.
+Evaluation (and the feature statistics before training) encode the whole catalogue with the encoders as they are at
+that round: each rank its contiguous part, in chunks (as many on every rank: ZeRO-3 gathers a trained encoder's
+parameters in lockstep), then all ranks gather the tables, so ranking is the same code as in cached mode.
 
 Items without a usable image or text are masked (a zero row, as in a feature store) and counted once per run;
-`problems()` gathers what every rank met (the run's metrics.json `media_problems`).
+`problems()` gathers what every rank met (the run's metrics.json `media.problems`).
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ from data_shards.item_media import ItemMediaReader
 from data_shards.problems import ProblemLog
 from data_shards.reader import PreparedDataset
 from train.distributed import all_gather_objects
+from train.encoder_tuning import make_trainable, tune_mode
 from train.items import ItemInputs
+from train.modality_paths import EncoderPath, SideAdapterPath
 from train.monitor import progress_bar
+
+ONE_BATCH = 2 ** 31  # token batch size of a trained text encoder: one call per step (modality_paths)
 
 
 @dataclass
 class StepFeatures:
-    """The encoded media of one step's item ids (ascending, 0 = padding with zero rows) and the catalogue's category
+    """The feature rows of one step's item ids (ascending, 0 = padding with zero rows) and the catalogue's category
     labels: what `train.step.model_inputs` and the sampled loss read."""
     ids: torch.Tensor
     text: torch.Tensor | None
@@ -75,25 +81,67 @@ def prefetched(steps, prepare, depth: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def computed_modalities(cfg, uses: set[str]) -> tuple[str, ...]:
+    """The content modalities (text, image) a run computes itself instead of reading a feature store: every one it
+    uses in stream mode, else those with a side adapter."""
+    content = tuple(m for m in ("text", "image") if m in uses)
+    if cfg.features.mode == "stream":
+        return content
+    return tuple(m for m in content if tune_mode(cfg.features, m) == "side_adapter")
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 class MediaStream:
+    """The content modalities `modalities` ("text", "image") computed in the run: encoded in the step, or (side
+    adapter) read from per-layer states encoded once. `seed` seeds the trainable parts' initialisation."""
+
     def __init__(self, data: PreparedDataset, modalities: tuple[str, ...], data_cfg, features_cfg,
-                 device: torch.device, rank: int, world_size: int):
+                 device: torch.device, rank: int, world_size: int, seed: int = 0):
         self.data, self.device, self.rank, self.world = data, device, rank, world_size
         self.cfg = features_cfg
-        self.text_encoder = self.image_encoder = decoder = None
+        self.paths: dict[str, EncoderPath | SideAdapterPath] = {}
+        encoders = {}
         if "text" in modalities:
-            self.text_encoder = load_text_encoder(data_cfg.text_encoder, device=device)
+            encoders["text"] = load_text_encoder(data_cfg.text_encoder, device=device)
         if "image" in modalities:
-            self.image_encoder = load_image_encoder(data_cfg.image_encoder, image_size=data_cfg.image_size or None,
-                                                    device=device)
-            prep = ImagePreprocessing.for_encoder(self.image_encoder.image_size, self.image_encoder.mean,
-                                                  self.image_encoder.std)
+            encoders["image"] = load_image_encoder(data_cfg.image_encoder, image_size=data_cfg.image_size or None,
+                                                   device=device)
+        for modality, encoder in encoders.items():
+            mode = tune_mode(features_cfg, modality)
+            torch.manual_seed(seed)  # LoRA and side-adapter weights: the same on every rank, for every world size
+            if mode == "side_adapter":
+                self.paths[modality] = SideAdapterPath(modality, encoder, features_cfg.side_bottleneck)
+                continue
+            if mode != "frozen":
+                make_trainable(encoder.model, mode, features_cfg.tune_layers, features_cfg.lora_rank,
+                               features_cfg.lora_alpha)
+                encoder.set_trainable(True)
+                if features_cfg.activation_checkpointing:
+                    encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.paths[modality] = EncoderPath(modality, encoder, mode != "frozen", features_cfg.encode_batch_size)
+        decoder = None
+        if "image" in encoders:
+            image = encoders["image"]
+            prep = ImagePreprocessing.for_encoder(image.image_size, image.mean, image.std)
             decoder = image_decoder(features_cfg.image_decoder, prep, features_cfg.encode_batch_size,
                                     features_cfg.decode_threads, device)
         self.decoder_name = None if decoder is None else decoder.name
         self.found: dict[str, dict[int, str]] = {}  # kind -> item id -> "shard: detail", this rank's
-        self.batcher = MediaBatcher(ItemMediaReader(data), self.text_encoder, decoder,
-                                    features_cfg.encode_batch_size, self._found)
+        reader = ItemMediaReader(data)
+
+        def batcher(wanted: set[str]) -> MediaBatcher:
+            text = encoders.get("text") if "text" in wanted else None
+            text_trains = text is not None and getattr(self.paths["text"], "trains", False)
+            return MediaBatcher(reader, text, decoder if "image" in wanted else None,
+                                ONE_BATCH if text_trains else features_cfg.encode_batch_size, self._found)
+
+        # per step: the modalities whose encoder runs in the step; once per run: the side adapters' backbones
+        self.step_batcher = batcher({m for m, p in self.paths.items() if p.needs_media})
+        self.states_batcher = batcher({m for m, p in self.paths.items() if isinstance(p, SideAdapterPath)})
+        self.reader = reader
         self.totals = {"images": 0, "texts": 0, "read": 0.0, "decode": 0.0, "tokenize": 0.0, "encode": 0.0}
 
     def _found(self, kind: str, item_id: int, shard: str, detail: str) -> None:
@@ -102,50 +150,55 @@ class MediaStream:
             print(f"[rank {self.rank}] item {item_id} ({shard}): image masked for the rest of the run: {detail}",
                   flush=True)
 
-    @property
-    def text_dim(self) -> int:
-        return 0 if self.text_encoder is None else self.text_encoder.dim
+    def dim(self, modality: str) -> int:
+        return self.paths[modality].dim if modality in self.paths else 0
 
-    @property
-    def image_dim(self) -> int:
-        return 0 if self.image_encoder is None else self.image_encoder.dim
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules whose parameters train with the recommender (they join the DeepSpeed engine)."""
+        modules = {}
+        for modality, path in self.paths.items():
+            if isinstance(path, SideAdapterPath):
+                modules[f"{modality}_side"] = path.side
+            elif path.trains:
+                modules[modality] = path.encoder
+        return modules
 
     def describe(self) -> str:
-        parts = [f"{m} encoder in the step ({e.identity.split('|')[0]})" for m, e in
-                 (("text", self.text_encoder), ("image", self.image_encoder)) if e is not None]
-        reader = f", images decoded by {self.decoder_name}" if self.decoder_name else ""
-        return f"features streamed from the shards: {', '.join(parts)}{reader}, {self.cfg.prefetch} step(s) prefetched"
+        parts = []
+        for modality, path in self.paths.items():
+            mode = tune_mode(self.cfg, modality)
+            name = path.encoder.identity.split("|")[0]
+            if isinstance(path, SideAdapterPath):
+                parts.append(f"{modality}: side adapter over {name}'s per-layer states ({path.memory_mb():.0f} MB)")
+            else:
+                parts.append(f"{modality}: {name} in the step, {mode}")
+        reader = f"; images decoded by {self.decoder_name}" if self.decoder_name and self.step_batcher.decoder else ""
+        return f"content features computed in the run ({'; '.join(parts)}{reader}, {self.cfg.prefetch} step(s) prefetched)"
 
     # ------------------------------------------------------------------ one step
     def prepare(self, ids: torch.Tensor | np.ndarray) -> MediaBatch:
         """The CPU half of a step (thread-safe with respect to `encode`): read, decode, tokenize."""
         ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
-        return self.batcher.batch(np.unique(ids))
+        return self.step_batcher.batch(np.unique(ids))
 
-    def encode(self, batch: MediaBatch, items: ItemInputs) -> StepFeatures:
-        """The encoders over a prepared batch, in the caller's step: [U, F] rows per modality (zero where masked)."""
+    def encode(self, batch: MediaBatch, items: ItemInputs, training: bool = False) -> StepFeatures:
+        """A prepared batch's [U, F] rows per modality (zero where masked), in the caller's step; with gradients into
+        the trained parts when `training`. Modalities this stream does not compute come from `items`' tables."""
         started = time.perf_counter()
         ids = torch.from_numpy(batch.ids).to(self.device)
-        text = image = None
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
-        with torch.no_grad(), autocast:
-            if self.text_encoder is not None:
-                text = torch.zeros(len(batch.ids), self.text_dim, device=self.device)
-                rows = torch.from_numpy(batch.text_rows).to(self.device)
-                for positions, tokens in batch.texts.batches:
-                    text[rows[positions.to(self.device)]] = self.text_encoder.pool(tokens)
-                self.totals["texts"] += len(batch.text_rows)
-            if self.image_encoder is not None:
-                image = torch.zeros(len(batch.ids), self.image_dim, device=self.device)
-                rows = torch.from_numpy(batch.image_rows).to(self.device)
-                for start in range(0, len(rows), self.cfg.encode_batch_size):
-                    chunk = slice(start, start + self.cfg.encode_batch_size)
-                    image[rows[chunk]] = self.image_encoder.pool(batch.pixels[chunk])
-                self.totals["images"] += len(batch.image_rows)
+        rows = {}
+        with _autocast(self.device):
+            for modality in ("text", "image"):
+                if modality in self.paths:
+                    rows[modality] = self.paths[modality].rows(batch, ids, training)
+                else:
+                    rows[modality] = items.rows(modality, ids)
+        self.totals["texts"] += len(batch.text_rows) if batch.texts is not None else 0
+        self.totals["images"] += len(batch.image_rows) if batch.pixels is not None else 0
         for phase, seconds in batch.seconds.items():
             self.totals[phase] += seconds
         self.totals["encode"] += time.perf_counter() - started
-        return StepFeatures(ids, text, image, items.categories, items.has_category)
+        return StepFeatures(ids, rows["text"], rows["image"], items.categories, items.has_category)
 
     def token_states(self, batch: MediaBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Token- and patch-level encoder outputs of a prepared batch, for models that attend over them:
@@ -153,62 +206,99 @@ class MediaStream:
         `batch.ids` order. Mask False (and a zero vector): a padding token, or every position of an item without that
         input."""
         out = {}
-        if self.text_encoder is not None:
+        device = self.device
+        if "text" in self.paths:
+            encoder = self.paths["text"].encoder
             width = max((tokens["input_ids"].shape[1] for _, tokens in batch.texts.batches), default=1)
-            hidden = torch.zeros(len(batch.ids), width, self.text_dim, device=self.device)
-            mask = torch.zeros(len(batch.ids), width, dtype=torch.bool, device=self.device)
-            rows = torch.from_numpy(batch.text_rows).to(self.device)
+            hidden = torch.zeros(len(batch.ids), width, encoder.dim, device=device)
+            mask = torch.zeros(len(batch.ids), width, dtype=torch.bool, device=device)
+            rows = torch.from_numpy(batch.text_rows).to(device)
             for positions, tokens in batch.texts.batches:
-                states, present = self.text_encoder.token_states(tokens)
-                target = rows[positions.to(self.device)]
+                states, present = encoder.token_states(tokens)
+                target = rows[positions.to(device)]
                 hidden[target, :states.shape[1]] = states.float() * present[..., None]  # padding tokens: zero
                 mask[target, :states.shape[1]] = present
             out["text"] = (hidden, mask)
-        if self.image_encoder is not None:
-            rows = torch.from_numpy(batch.image_rows).to(self.device)
-            states = (self.image_encoder.patch_states(batch.pixels) if len(rows) else None)
-            width = states.shape[1] if states is not None else self._patches()
-            hidden = torch.zeros(len(batch.ids), width, self.image_dim, device=self.device)
-            mask = torch.zeros(len(batch.ids), width, dtype=torch.bool, device=self.device)
+        if "image" in self.paths:
+            encoder = self.paths["image"].encoder
+            rows = torch.from_numpy(batch.image_rows).to(device)
+            states = encoder.patch_states(batch.pixels) if len(rows) else None
+            patches = 1 + (encoder.image_size // int(encoder.model.config.patch_size)) ** 2
+            hidden = torch.zeros(len(batch.ids), patches, encoder.dim, device=device)
+            mask = torch.zeros(len(batch.ids), patches, dtype=torch.bool, device=device)
             if states is not None:
                 hidden[rows] = states.float()
                 mask[rows] = True
             out["image"] = (hidden, mask)
         return out
 
-    def _patches(self) -> int:
-        patch = int(self.image_encoder.model.config.patch_size)
-        return 1 + (self.image_encoder.image_size // patch) ** 2
-
     # ------------------------------------------------------------------ the catalogue
-    def catalogue(self, items: ItemInputs, progress: bool, desc: str = "encoding the catalogue") -> ItemInputs:
-        """`items` with full text/image tables [N + 1, F] encoded now: this rank encodes ids in its contiguous part
-        of 1..N chunk by chunk (the next chunk prepared while this one encodes), then every rank gathers all parts."""
-        num = self.data.num_items
+    def _my_chunks(self) -> list[np.ndarray]:
+        """This rank's contiguous part of ids 1..N in chunks, padded with one-item dummy chunks (id 1) to the
+        largest chunk count of any rank, so every rank calls the encoders as often."""
+        num, size = self.data.num_items, self.cfg.encode_batch_size
         start, stop = 1 + num * self.rank // self.world, 1 + num * (self.rank + 1) // self.world
-        size = self.cfg.encode_batch_size
         chunks = [np.arange(s, min(s + size, stop)) for s in range(start, stop, size)]
-        parts = {"text": [], "image": []}
+        count = torch.tensor([len(chunks)], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return chunks + [np.array([1])] * (int(count) - len(chunks))
+
+    def _catalogue_pass(self, encode, batcher: MediaBatcher, progress: bool, desc: str) -> list[torch.Tensor]:
+        """`encode(batch, ids)` -> a tensor per chunk of this rank's part (dummy chunks dropped)."""
+        num = self.data.num_items
+        mine = 1 + num * (self.rank + 1) // self.world - (1 + num * self.rank // self.world)
+        parts, done = [], 0
         bar = progress_bar(num, desc, "item", progress)
-        for ids, batch in prefetched(chunks, self.prepare, self.cfg.prefetch):
-            encoded = self.encode(batch, items)
-            for modality in parts:
-                table = encoded.text if modality == "text" else encoded.image
-                if table is not None:
-                    parts[modality].append(table)
-            bar.update(len(ids) * self.world)
+        for ids, batch in prefetched(self._my_chunks(), batcher.batch, self.cfg.prefetch):  # chunks: sorted, unique
+            out = encode(batch, torch.from_numpy(batch.ids).to(self.device))
+            if done < mine:
+                parts.append(out)
+                done += len(ids)
+                bar.update(len(ids) * self.world)
         bar.close()
-        tables = {m: self._gather(torch.cat(p) if p else self._empty(m), num) for m, p in parts.items()
-                  if (self.text_encoder if m == "text" else self.image_encoder) is not None}
-        return ItemInputs(tables.get("text"), tables.get("image"), items.categories, items.has_category,
+        return parts
+
+    def fit_side_states(self, progress: bool) -> None:
+        """The side adapters' inputs: the frozen backbone's per-layer states of every item, encoded once."""
+        sides = {m: p for m, p in self.paths.items() if isinstance(p, SideAdapterPath)}
+        for modality, path in sides.items():
+            def encode(batch, ids, path=path):
+                with _autocast(self.device):
+                    return path.layer_states(batch, ids).flatten(1)
+            parts = self._catalogue_pass(encode, self.states_batcher, progress, f"{modality} layer states")
+            layers = path.side.num_layers + 1
+            flat = self._gather(torch.cat(parts) if parts else torch.zeros(0, layers * path.dim, device=self.device))
+            path.states = flat.reshape(-1, layers, path.dim).to(torch.float16)
+
+    def catalogue(self, items: ItemInputs, progress: bool, desc: str = "encoding the catalogue") -> ItemInputs:
+        """`items` with full text/image tables [N + 1, F] computed now by the current encoders (eval mode, no
+        gradients): this rank its contiguous part of 1..N chunk by chunk, then every rank gathers all parts."""
+        modules = self.trained_modules().values()
+        was_training = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        try:
+            with torch.no_grad():
+                parts = self._catalogue_pass(lambda batch, ids: self.encode(batch, items), self.step_batcher,
+                                             progress, desc)
+        finally:
+            for module, mode in zip(modules, was_training):
+                module.train(mode)
+        tables = {}
+        for modality in ("text", "image"):
+            if modality in self.paths:
+                rows = [getattr(part, modality) for part in parts]
+                empty = torch.zeros(0, self.dim(modality), device=self.device)
+                tables[modality] = self._gather(torch.cat(rows) if rows else empty)
+            else:
+                tables[modality] = getattr(items, modality)
+        return ItemInputs(tables["text"], tables["image"], items.categories, items.has_category,
                           items.category_levels)
 
-    def _empty(self, modality: str) -> torch.Tensor:
-        dim = self.text_dim if modality == "text" else self.image_dim
-        return torch.zeros(0, dim, device=self.device)
-
-    def _gather(self, part: torch.Tensor, num: int) -> torch.Tensor:
+    def _gather(self, part: torch.Tensor) -> torch.Tensor:
         """[N + 1, F]: row 0 zero, then every rank's contiguous part in rank order."""
+        num = self.data.num_items
         zero = part.new_zeros(1, part.shape[1])
         if self.world == 1:
             return torch.cat([zero, part])
@@ -232,4 +322,4 @@ class MediaStream:
         return log.as_dict()
 
     def close(self) -> None:
-        self.batcher.reader.close()
+        self.reader.close()

@@ -1,6 +1,7 @@
 """TensorBoard (rank 0), metrics.json and the console progress bars.
 
-Tags: train/loss/{total,recommendation,mscl,category}, train/lr, perf/{samples_per_s,tokens_per_s,step_time_s},
+Tags: train/loss/{total,recommendation,mscl,category}, train/lr, perf/{samples,tokens,targets}_per_s, perf/step_time_s,
+perf/{images,texts}_per_s and perf/stream/{read,decode,tokenize,encode}_s (stream mode),
 memory/{rss_mb,cuda_max_allocated_mb}, valid/<metric>, test/<metric>, cammsr/modality_weight/<modality>
 (mean) and /by_category (histogram over categories) and /<category>/<modality> (scalars, first
 logging.max_category_scalars categories), cammsr/expert_usage/<modality>/expert<k>, and the resolved config (text).

@@ -187,7 +187,10 @@ class RunRecommender:
 
     def __init__(self, run_dir: Path | str, checkpoint: str = "best", data_path: Path | str | None = None):
         from train.engine import _lift_scalar_parameters, compute_dtype, select_deepspeed_accelerator
+        from train.items import load_item_inputs
         from train.loop import data_fingerprint
+        from train.media import MediaStream, computed_modalities
+        from train.trained_modules import RecommenderWithEncoders
         select_deepspeed_accelerator()
         self.run_dir = run_dir = Path(run_dir)
         config_path = run_dir / "config.yaml"
@@ -215,36 +218,39 @@ class RunRecommender:
         need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
         self.dtype = dtype = compute_dtype(cfg.train)
         id_rows, self.device = _table_rows(cfg, self.num_rows, self.folder / "sparse")
-        self.items = items = self._item_inputs(data, tuple(uses), need_categories)
-        model = build_model(model_cfg, items.num_categories, items.text_dim, items.image_dim)
-        _lift_scalar_parameters(model)  # the engine's checkpoints hold 0-dim parameters with shape [1]
-        for param in model.parameters():  # DeepSpeed casts parameters only
+        computed = computed_modalities(cfg, uses)
+        stored = tuple(m for m in ("text", "image") if m in uses and m not in computed)
+        items = load_item_inputs(data, stored, need_categories, self.device)
+        media = (MediaStream(data, computed, cfg.data, cfg.features, self.device, 0, 1, cfg.train.seed + 2)
+                 if computed else None)
+        dims = [media.dim(m) if media is not None and m in media.paths else getattr(items, f"{m}_dim")
+                for m in ("text", "image")]
+        model = build_model(model_cfg, items.num_categories, *dims)
+        trained = {} if media is None else media.trained_modules()
+        module = RecommenderWithEncoders(model, trained) if trained else model
+        _lift_scalar_parameters(module)  # the engine's checkpoints hold 0-dim parameters with shape [1]
+        for param in module.parameters():  # DeepSpeed casts parameters only
             param.data = param.data.to(dtype)
         try:
-            model.load_state_dict(dense_state(self.folder / "engine" / "state"))
+            # frozen encoder weights are not in the checkpoint (their own files are); everything else must be
+            missing = module.load_state_dict(dense_state(self.folder / "engine" / "state"), strict=not trained)[0]
+            frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
+            if set(missing) - frozen - {name for name, _ in module.named_buffers()}:
+                raise RuntimeError(f"missing keys {sorted(set(missing) - frozen)[:5]}")
         except RuntimeError as err:
             raise DataError(f"{self.folder}: the dense weights do not fit the model rebuilt from {config_path} and "
                             f"the dataset's feature stores ({str(err).strip().splitlines()[0]} ...)") from err
+        if media is not None:
+            module.to(self.device)
+            media.fit_side_states(progress=True)
+            items = media.catalogue(items, progress=True)  # with the encoders as trained
+            media.close()
+        self.items = items
         if _trained_in_id_warmup(self.state, cfg):
             model.set_id_only(True)  # a checkpoint of the ID warm-up: the content pathways were not trained yet
         self.model = model.to(self.device).eval()
         self.id_rows = id_rows.to(self.device)
         self.candidates = self._candidates(self.id_rows)
-
-    def _item_inputs(self, data: PreparedDataset, uses: tuple[str, ...], need_categories: bool):
-        """The catalogue's feature tables as the run trained with them: its feature stores, or (features.mode=stream)
-        the catalogue encoded now from the shards with the run's encoders."""
-        from train.items import load_item_inputs
-        from train.media import MediaStream
-        streams = self.cfg.features.mode == "stream" and bool(set(uses) & {"text", "image"})
-        items = load_item_inputs(data, () if streams else uses, need_categories, self.device)
-        if not streams:
-            return items
-        stream = MediaStream(data, uses, self.cfg.data, self.cfg.features, self.device, 0, 1)
-        try:
-            return stream.catalogue(items, progress=True)
-        finally:
-            stream.close()
 
     @torch.no_grad()
     def _candidates(self, id_rows: torch.Tensor) -> torch.Tensor:

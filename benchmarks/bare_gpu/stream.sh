@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run THERE, on a bare GPU machine, from the repository root with the bundle of
-# `benchmarks/bare_gpu/bundle.sh --data data/quickstart --image-encoder` at BUNDLE (default .gpu): cached vs stream
-# feature modes on the quickstart data in bf16 with ZeRO 2 (benchmarks.stream_benchmark: s/step, targets/s,
-# images/s, where stream's step time goes), one record, benchmarks/results/stream_quickstart_gpu.json, copied to OUT.
+# `benchmarks/bare_gpu/bundle.sh --data data/quickstart --image-encoder` at BUNDLE (default .gpu): the feature modes
+# on the quickstart data in bf16 with ZeRO 2 (benchmarks.stream_benchmark: cached, stream with frozen encoders, and
+# the image encoder trained as top layers, LoRA or a side adapter: s/step, targets/s, images/s, peak GPU memory),
+# records benchmarks/results/stream_quickstart_gpu*.json, copied to OUT.
 # What differs from the CPU benchmark, because of what can be carried there: images are decoded by PIL (the DALI
 # wheel is too large to carry), the ID table is the plain-torch one (so is fbgemm's), the image encoder is the
 # default DINOv2-small in bf16, and the text modality is off (the text encoder would not fit the carry limit
@@ -18,9 +19,9 @@ python3 -c "import sys, torch, deepspeed, PIL; print('python', sys.version.split
 quiet() { tr "\r" "\n" | grep -v -E "Warning|warn\(|USDT|(it|step|chunk|shard|item)/s[],]|^\s*$"; }
 echo "== stream benchmark $(elapsed)"
 timeout $((deadline - $(date +%s))) python3 -m benchmarks.stream_benchmark --data data/quickstart \
-  --config configs/quickstart.yaml --steps 20 --modes cached,stream --run-dir "$runs/stream" \
+  --config configs/quickstart.yaml --steps 20 --modes cached,stream,top_layers,lora,side_adapter --run-dir "$runs/stream" \
   --record stream_quickstart_gpu train.num_negatives=256 train.precision=bf16 train.zero_stage=2 \
   embedding.backend=torch features.image_decoder=pil "data.image_encoder=$bundle/encoders/dinov2-small-bf16" \
   "model.modalities=[id,image]" "model.mscl_pairs=[[id,image]]" 2>&1 | quiet
 echo "exit $? $(elapsed)"
-cp benchmarks/results/stream_quickstart_gpu.json "$out/" 2>/dev/null || echo "no record written"
+cp benchmarks/results/stream_quickstart_gpu*.json "$out/" 2>/dev/null || echo "no record written"

@@ -119,18 +119,23 @@ def _weights_hash(model: nn.Module, extra: bytes = b"") -> str:
     return digest.hexdigest()
 
 
-class _FrozenEncoder(nn.Module):
-    """Common part: a frozen transformers model, always in eval mode, no gradients."""
+class _PretrainedEncoder(nn.Module):
+    """Common part: a transformers model, frozen (eval mode, no gradients) unless `set_trainable(True)`; which of
+    its parameters then train is the caller's choice (train.encoder_tuning)."""
 
     def __init__(self, model: nn.Module, spec: EncoderSpec):
         super().__init__()
         self.model = model
         self.spec = spec
+        self.trainable = False
         self.model.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True):  # noqa: ARG002 -- frozen: a parent's .train() must not enable dropout
-        return super().train(False)
+    def set_trainable(self, trainable: bool) -> None:
+        self.trainable = trainable
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)  # frozen: a parent's .train() must not enable dropout
 
     @property
     def dim(self) -> int:
@@ -147,7 +152,7 @@ class _FrozenEncoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- text
 
-class TextEncoder(_FrozenEncoder):
+class TextEncoder(_PretrainedEncoder):
     """``encode(texts) -> [n, dim]`` float32 pooled vectors; empty strings give a vector (mask them)."""
 
     def __init__(self, model: nn.Module, tokenizer, spec: EncoderSpec, max_length: int, normalize: bool):
@@ -189,16 +194,25 @@ class TextEncoder(_FrozenEncoder):
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         return self.model(**tokens).last_hidden_state, tokens["attention_mask"].bool()
 
-    def pool(self, tokens: dict) -> torch.Tensor:
-        """One token batch -> pooled float32 vectors [n, dim] (gradients flow where the caller enables them)."""
-        hidden, mask = self.token_states(tokens)
+    def _pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()
         if self.pooling == "cls":
-            vectors = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def pool(self, tokens: dict) -> torch.Tensor:
+        """One token batch -> pooled float32 vectors [n, dim] (gradients flow where the caller enables them)."""
+        vectors = self._pooled(*self.token_states(tokens))
         return nn.functional.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    def layer_states(self, tokens: dict) -> torch.Tensor:
+        """One token batch -> each layer's hidden states pooled as the last layer is, [n, layers + 1, dim] float32
+        (index 0: the embeddings; no final normalisation): what a side adapter reads."""
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        states = self.model(**tokens, output_hidden_states=True).hidden_states
+        mask = tokens["attention_mask"].bool()
+        return torch.stack([self._pooled(hidden, mask) for hidden in states], dim=1)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """float32 [n, dim] vectors on the encoder's device, no gradients."""
@@ -271,7 +285,7 @@ def load_text_encoder(name_or_path: str = "default", *, pooling: str | None = No
 
 # ---------------------------------------------------------------------------------------------- image
 
-class ImageEncoder(_FrozenEncoder):
+class ImageEncoder(_PretrainedEncoder):
     """``encode(pixels [n,3,H,W] normalised) -> [n, dim]``: [CLS] of the last hidden state after the
     final layernorm (``last_hidden_state[:, 0]``)."""
 
@@ -292,6 +306,13 @@ class ImageEncoder(_FrozenEncoder):
     def pool(self, pixels: torch.Tensor) -> torch.Tensor:
         """[CLS] vectors float32 [n, dim] (gradients flow where the caller enables them)."""
         return self.patch_states(pixels)[:, 0].float()
+
+    def layer_states(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Each layer's [CLS] state, [n, layers + 1, dim] float32 (index 0: the embeddings; before the final
+        layernorm): what a side adapter reads."""
+        dtype = next(self.model.parameters()).dtype
+        states = self.model(pixel_values=pixels.to(device=self.device, dtype=dtype), output_hidden_states=True)
+        return torch.stack([hidden[:, 0].float() for hidden in states.hidden_states], dim=1)
 
     def encode(self, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """pixels: float [n, 3, H, W], normalised with ``.mean``/``.std`` from 0-1 RGB, H = W =

@@ -54,6 +54,8 @@ class MediaBatcher:
     def batch(self, ids: np.ndarray) -> MediaBatch:
         ids = np.asarray(ids, dtype=np.int64)
         out = MediaBatch(ids)
+        if self.text_encoder is None and self.decoder is None:
+            return out  # nothing of these items is encoded here
         real = np.flatnonzero(ids > 0)  # id 0 is padding: no media, a zero row
         started = time.perf_counter()
         media = self.reader.read(ids[real])
