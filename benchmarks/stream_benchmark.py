@@ -11,7 +11,9 @@ features.prefetch=0: read, decode and tokenize in the step, so the phases add up
 states encoded once; that encoding is not timed). The first --warmup steps of each mode are not timed. An epoch's
 time is extrapolated from the timed steps (steps/epoch x mean step time); one validation round is timed as well
 (stream mode encodes the catalogue in it). Every mode trains with model.loss_type=sampled_softmax (what stream mode
-and trained encoders need; train.num_negatives from the config or the overrides).
+and trained encoders need; train.num_negatives from the config or the overrides). `prepare_only` times the media path
+of stream mode alone (the steps' items read, decoded and tokenized, nothing encoded or trained): images/s through
+the decoder over --prepare-steps steps.
 """
 from __future__ import annotations
 
@@ -30,17 +32,49 @@ MODES = {"cached": ["features.mode=cached"],
          "stream": ["features.mode=stream", "features.prefetch=1"],
          "top_layers": ["features.mode=stream", "features.tune=top_layers"],
          "lora": ["features.mode=stream", "features.tune=lora"],
-         "side_adapter": ["features.mode=cached", "features.tune=side_adapter"]}
+         "side_adapter": ["features.mode=cached", "features.tune=side_adapter"],
+         # the media path alone (read by id, DALI decode, tokenize) over many steps: no encoder, no model step
+         "prepare_only": ["features.mode=stream", "model.feature_normalization=none"]}
 PHASES = ("read", "decode", "tokenize", "encode")
 
 
-def time_mode(data: str, config: str | None, overrides: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
+def time_preparation(trainer, steps: int) -> dict:
+    """The media of `steps` training steps (epochs in order) read, decoded and tokenized, as the prefetch thread
+    would, with nothing else running."""
+    media, done, started = trainer.media, 0, time.perf_counter()
+    images = media.totals["images"]
+    epoch = 0
+    while done < steps:
+        for step, batch in trainer.plan.epoch_batches(epoch):
+            prepared = media.prepare(trainer.step_item_ids(batch, done))
+            media.totals["images"] += len(prepared.image_rows)
+            media.totals["texts"] += len(prepared.text_rows)
+            for phase, seconds in prepared.seconds.items():
+                media.totals[phase] += seconds
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    seconds = time.perf_counter() - started
+    totals = media.totals
+    result = {"steps_timed": steps, "s_per_step": seconds / steps, "images_per_s": (totals["images"] - images) / seconds,
+              "decode_images_per_s": (totals["images"] - images) / max(totals["decode"], 1e-9),
+              "phase_s_per_step": {p: totals[p] / steps for p in PHASES}, "decoder": media.decoder_name,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    trainer.release()
+    return result
+
+
+def time_mode(data: str, config: str | None, overrides: list[str], steps: int, warmup: int, run_dir: Path,
+              prepare_only: bool = False) -> dict:
     from train.config import load_config
     from train.loop import Trainer
     cfg = load_config(config, [f"data.path={data}", "model.loss_type=sampled_softmax", "logging.tensorboard=false",
                                "checkpoint.enabled=false", "eval.test=never", "logging.progress=false", *overrides])
     trainer = Trainer(cfg, run_dir)
     media = trainer.media
+    if prepare_only:
+        return time_preparation(trainer, steps)
     if warmup + steps > trainer.plan.steps_per_epoch:
         raise SystemExit(f"--warmup + --steps = {warmup + steps} is more than an epoch's "
                          f"{trainer.plan.steps_per_epoch} steps")
@@ -83,9 +117,16 @@ def print_table(results: dict) -> None:
     print(f"\n{'mode':<14} {'s/step':>8} {'targets/s':>10} {'images/s':>9} {'texts/s':>8} {'epoch s':>9} "
           f"{'valid s':>8} {'trained params':>15} {'peak MB':>8}")
     for mode, r in results.items():
+        if mode == "prepare_only":
+            continue
         print(f"{mode:<14} {r['s_per_step']:>8.2f} {r['targets_per_s']:>10,.0f} {r.get('images_per_s', 0):>9,.0f} "
               f"{r.get('texts_per_s', 0):>8,.0f} {r['epoch_s']:>9.1f} {r['valid_round_s']:>8.1f} "
               f"{r['trained_parameters']:>15,} {r.get('peak_cuda_mb', r['peak_rss_mb']):>8,.0f}")
+    prepared = results.get("prepare_only")
+    if prepared:
+        print(f"\nprepare_only, {prepared['steps_timed']} steps' media: {prepared['images_per_s']:,.0f} images/s "
+              f"(decoding alone {prepared['decode_images_per_s']:,.0f} images/s, {prepared['decoder']}), "
+              + ", ".join(f"{p} {prepared['phase_s_per_step'][p]:.3f}" for p in PHASES[:3]) + " s/step")
     inline = results.get("stream_inline")
     if inline:
         phases = inline["phase_s_per_step"]
@@ -97,7 +138,8 @@ def print_table(results: dict) -> None:
 def run_in_own_process(args, mode: str) -> dict:
     out = args.run_dir / f"{mode}.json"
     command = [sys.executable, "-m", "benchmarks.stream_benchmark", "--data", args.data, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--run-dir", str(args.run_dir), "--one-mode", mode,
+               "--warmup", str(args.warmup), "--prepare-steps", str(args.prepare_steps), "--run-dir",
+               str(args.run_dir), "--one-mode", mode,
                *(["--config", args.config] if args.config else []), *args.overrides]
     if subprocess.run(command).returncode != 0:
         raise SystemExit(f"mode {mode} failed (its output is above)")
@@ -111,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prepare-steps", type=int, default=300, help="steps of the prepare_only mode")
     parser.add_argument("--modes", default="cached,stream_inline,stream")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/stream_benchmark"))
     parser.add_argument("--record", help="write benchmarks/results/<ID>.json with this id")
@@ -120,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if args.one_mode:
         from train.distributed import shutdown
-        result = time_mode(args.data, args.config, [*args.overrides, *MODES[args.one_mode]], args.steps,
-                           args.warmup, args.run_dir / args.one_mode)
+        prepare_only = args.one_mode == "prepare_only"
+        result = time_mode(args.data, args.config, [*args.overrides, *MODES[args.one_mode]],
+                           args.prepare_steps if prepare_only else args.steps, args.warmup,
+                           args.run_dir / args.one_mode, prepare_only)
         (args.run_dir / f"{args.one_mode}.json").write_text(json.dumps(result, indent=1))
         shutdown()
         return 0
@@ -145,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 def _command(args) -> str:
     return "python -m benchmarks.stream_benchmark " + " ".join(
         [f"--data {args.data}"] + ([f"--config {args.config}"] if args.config else [])
-        + [f"--steps {args.steps}", f"--modes {args.modes}", f"--record {args.record}", *args.overrides])
+        + [f"--steps {args.steps}", f"--modes {args.modes}"]
+        + ([f"--prepare-steps {args.prepare_steps}"] if "prepare_only" in args.modes else [])
+        + [f"--record {args.record}", *args.overrides])
 
 
 def write_records(args, results: dict, machine: dict) -> None:
@@ -169,6 +216,15 @@ def write_records(args, results: dict, machine: dict) -> None:
                      f"step, {Path(args.data).name}", metric="s/epoch (extrapolated)", ours=round(stream["epoch_s"], 1),
                      reference=reference, higher_is_better=False, details=details, ranking="no ranking metric",
                      command=_command(args), machine=machine)
+    prepared = results.get("prepare_only")
+    if prepared:
+        write_record(f"{args.record}_prepare", area="Stream mode", claim="the steps' media read by id, decoded and "
+                     f"tokenized (no encoder), {Path(args.data).name}", metric="images/s",
+                     ours=round(prepared["images_per_s"], 1), details={
+                         "decoding alone images/s": round(prepared["decode_images_per_s"], 1),
+                         "decoder": prepared["decoder"], "steps timed": prepared["steps_timed"],
+                         "s/step": round(prepared["s_per_step"], 3)},
+                     ranking="no ranking metric", command=_command(args), machine=machine)
     for mode in ("top_layers", "lora", "side_adapter"):
         if mode not in results:
             continue

@@ -10,8 +10,11 @@ masked mean), [n, L + 1, F] (layer 0 = the embeddings). The side network keeps a
     s_l = s_l + Up_l(GELU(Down_l(LayerNorm(s_l))))                    (a bottleneck adapter of width r per layer)
 
 and the output is s_L, a [n, F] vector that replaces the frozen pooled feature. Up_l starts at zero and the gates at
-a_l = 4 (g ~ 0.98), so before training the output is close to a running mix weighted toward the lower layers; the
-trainable part is L x (2 F r + 2 F + r + 1) parameters.
+a_l = -4 (g ~ 0.018), so before training the output is close to the last layer's state, the frozen feature itself
+(before DINOv2's final layernorm), and training learns how much of the lower layers to carry up and how to adapt
+each; the trainable part is L x (2 F r + 2 F + r + 1) parameters. (Gates that start open, g ~ 1, carry the
+embedding layer to the output instead: on the quickstart data that start lost 0.013 validation NDCG@10 to frozen
+features at the same epoch.)
 
 Reading chosen (IISAN fuses the text and image towers' layers inside one side network and reads token states; here
 each modality has its own side network over pooled layer states, so CAMMSR's per-modality pathways keep separate
@@ -25,7 +28,7 @@ from torch import nn
 
 
 class SideAdapter(nn.Module):
-    def __init__(self, num_layers: int, dim: int, bottleneck: int, gate_init: float = 4.0):
+    def __init__(self, num_layers: int, dim: int, bottleneck: int, gate_init: float = -4.0):
         super().__init__()
         self.num_layers = num_layers
         self.gates = nn.Parameter(torch.full((num_layers,), float(gate_init)))

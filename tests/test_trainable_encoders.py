@@ -67,17 +67,18 @@ def test_gradients_reach_exactly_the_parameters_the_mode_trains(encoders, mode):
             assert set(names) - got <= {n for n in names if n.endswith(("key.bias", "k_proj.bias"))}
 
 
-def test_side_adapter_starts_from_the_layer_mix_and_trains_its_own_parameters():
+def test_side_adapter_starts_near_the_last_layer_and_trains_its_own_parameters():
     from cammsr.side_adapter import SideAdapter
     side = SideAdapter(num_layers=3, dim=8, bottleneck=4)
     states = torch.randn(5, 4, 8)
     out = side(states)
     assert out.shape == (5, 8)
-    gate = torch.sigmoid(torch.tensor(4.0))
+    gate = torch.sigmoid(torch.tensor(-4.0))
     expected = states[:, 0]
     for layer in range(1, 4):
         expected = gate * expected + (1 - gate) * states[:, layer]
     torch.testing.assert_close(out, expected)  # the up-projections start at zero
+    assert (out - states[:, 3]).abs().max() < 0.05 * states.abs().max()  # mostly the last layer's state
     out.square().sum().backward()
     assert all(p.grad is not None for p in side.parameters())
 
