@@ -76,13 +76,8 @@ class ItemMediaReader:
         self._shards: list[str] = []
         self._where: dict[int, tuple[int, dict[str, _Member]]] = {}
         for entry in data.manifest["shards"]["items"]:
-            path = data.root / entry["file"]
-            if not path.is_file():
-                raise DataError(f"{path}: item shard listed in the manifest is missing")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise DataError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced "
-                                "shard)")
+            path = data.present_shard(entry)
+            size = entry["bytes"]
             if "dali_index" not in entry:
                 raise DataError(f"{path}: the manifest names no index for this shard (re-run `cammsr prepare`)")
             shard_number = len(self._shards)

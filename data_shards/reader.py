@@ -74,16 +74,20 @@ class PreparedDataset:
     def shard_paths(self, kind: str) -> list[Path]:
         return [self.root / entry["file"] for entry in self.manifest["shards"][kind]]
 
+    def present_shard(self, entry: dict) -> Path:
+        """The path of a manifest shard entry, checked to exist with its recorded size (DataError naming it)."""
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in {MANIFEST} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise DataError(f"{path}: {size} bytes, {MANIFEST} says {entry['bytes']} (truncated or replaced shard)")
+        return path
+
     def verify(self) -> None:
         entries = self.manifest["shards"]["items"] + self.manifest["shards"]["users"]
         for entry in tqdm(entries, desc="verifying shards", unit="shard", leave=False):
-            path = self.root / entry["file"]
-            if not path.is_file():
-                raise DataError(f"{path}: shard listed in {MANIFEST} is missing")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise DataError(f"{path}: {size} bytes, {MANIFEST} says {entry['bytes']} "
-                                "(truncated or replaced shard)")
+            path = self.present_shard(entry)
             digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise DataError(f"{path}: sha256 {digest} does not match {MANIFEST} ({entry['sha256']})")

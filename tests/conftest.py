@@ -115,3 +115,25 @@ def write_media_dataset(out: Path, num_items: int = 60, num_users: int = 81) -> 
     prepare(generate_synthetic(num_items=num_items, num_users=num_users, seed=1, with_images=True,
                                missing_image_rate=0.1), out, PrepareOptions(k_core=1))
     return out
+
+
+# The trainer tests' tiny CAMMSR (fp32, no dropout, deterministic swap) with the sampled loss that stream mode and
+# trained encoders need.
+TINY_SAMPLED = ["train.precision=fp32", "train.eps=0.001", "model.hidden_size=8", "model.max_seq_len=6",
+                "model.num_layers=1", "model.num_heads=1", "model.num_experts=2", "model.ffn_inner_size=16",
+                "model.hidden_dropout=0.0", "model.attn_dropout=0.0", "model.mscl_swap_prob=1.0",
+                "train.batch_size=64", "model.loss_type=sampled_softmax", "train.num_negatives=16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    return write_tiny_encoders(tmp_path_factory.mktemp("encoders"))
+
+
+@pytest.fixture(scope="module")
+def media_dataset(tmp_path_factory):
+    return write_media_dataset(tmp_path_factory.mktemp("data") / "media")
+
+
+def encoder_overrides(encoders) -> list[str]:
+    return [f"data.text_encoder={encoders[0]}", f"data.image_encoder={encoders[1]}"]

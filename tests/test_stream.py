@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PY, ROOT, cpu_env, write_media_dataset, write_tiny_encoders
+from conftest import PY, ROOT, TINY_SAMPLED, cpu_env, encoder_overrides
 from data_shards.checksum import sha256_file
 from data_shards.problems import DataError
 from data_shards.reader import PreparedDataset
@@ -21,24 +21,17 @@ from train.config import ConfigError, load_config
 from train.parity import compare
 
 # The trainer tests' tiny CAMMSR (fp32, no dropout, deterministic swap) with the sampled softmax stream mode needs.
-TINY = ["train.precision=fp32", "train.eps=0.001", "model.hidden_size=8", "model.max_seq_len=6",
-        "model.num_layers=1", "model.num_heads=1", "model.num_experts=2", "model.ffn_inner_size=16",
-        "model.hidden_dropout=0.0", "model.attn_dropout=0.0", "model.mscl_swap_prob=1.0", "train.batch_size=64",
-        "model.loss_type=sampled_softmax", "train.num_negatives=16"]
+TINY = [*TINY_SAMPLED]
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    return write_tiny_encoders(tmp_path_factory.mktemp("encoders"))
+def encoders(tiny_encoders):
+    return tiny_encoders
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_media_dataset(tmp_path_factory.mktemp("data") / "media")
-
-
-def _encoder_keys(encoders) -> list[str]:
-    return [f"data.text_encoder={encoders[0]}", f"data.image_encoder={encoders[1]}"]
+def dataset(media_dataset):
+    return media_dataset
 
 
 def _run(cmd, timeout=300, expect=0):
@@ -49,7 +42,7 @@ def _run(cmd, timeout=300, expect=0):
 
 def _parity(dataset, encoders, out, *extra, nproc=1, stages="1"):
     args = ["--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", stages, *TINY,
-            *_encoder_keys(encoders), *extra]
+            *encoder_overrides(encoders), *extra]
     if nproc == 1:
         _run([PY, "-m", "train.parity", *args])
     else:
@@ -139,7 +132,7 @@ def test_stream_two_processes_equal_one(dataset, encoders, tmp_path):
 
 def _train_cmd(dataset, encoders, run_dir, *extra, resume=False):
     return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir),
-            *(["--resume"] if resume else []), *TINY, *_encoder_keys(encoders), "features.mode=stream",
+            *(["--resume"] if resume else []), *TINY, *encoder_overrides(encoders), "features.mode=stream",
             "train.max_epochs=3", "logging.every_steps=2", *extra]
 
 
@@ -255,7 +248,7 @@ def test_the_shard_reader_itself_refuses_a_truncated_shard(dataset, tmp_path):
     shutil.copytree(dataset, broken, ignore=shutil.ignore_patterns("features"))
     shard = broken / "items" / "items-000000.tar"
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
-    with pytest.raises(DataError, match="items-000000.tar: .* bytes, the manifest says"):
+    with pytest.raises(DataError, match="items-000000.tar: .* bytes, manifest.json says"):
         ItemMediaReader(PreparedDataset(broken, verify=False))
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["shards"]["items"][0]["bytes"] = shard.stat().st_size  # a manifest that agrees: the index does not

@@ -10,30 +10,23 @@ import time
 import pytest
 import torch
 
-from conftest import PY, ROOT, cpu_env, write_media_dataset, write_tiny_encoders
+from conftest import PY, ROOT, TINY_SAMPLED, cpu_env, encoder_overrides
 from data_shards.features.encoders import load_image_encoder, load_text_encoder
 from train.config import ConfigError, load_config
 from train.encoder_tuning import make_trainable
 from train.parity import compare
 
-TINY = ["train.precision=fp32", "train.eps=0.001", "model.hidden_size=8", "model.max_seq_len=6",
-        "model.num_layers=1", "model.num_heads=1", "model.num_experts=2", "model.ffn_inner_size=16",
-        "model.hidden_dropout=0.0", "model.attn_dropout=0.0", "model.mscl_swap_prob=1.0", "train.batch_size=64",
-        "model.loss_type=sampled_softmax", "train.num_negatives=16", "features.mode=stream", "features.lr=0.01"]
+TINY = [*TINY_SAMPLED, "features.mode=stream", "features.lr=0.01"]
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    return write_tiny_encoders(tmp_path_factory.mktemp("encoders"))
+def encoders(tiny_encoders):
+    return tiny_encoders
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_media_dataset(tmp_path_factory.mktemp("data") / "media")
-
-
-def _keys(encoders):
-    return [f"data.text_encoder={encoders[0]}", f"data.image_encoder={encoders[1]}"]
+def dataset(media_dataset):
+    return media_dataset
 
 
 def _run(cmd, timeout=300):
@@ -91,7 +84,7 @@ def test_two_processes_equal_one_at_zero_2_and_3(dataset, encoders, tmp_path, mo
     adapter also in cached mode, where the other modality comes from its feature store."""
     tune = [f"features.tune={mode}"] if features == "stream" else ["features.mode=cached",
                                                                    "features.tune_text=side_adapter"]
-    args = ["--steps", "3", "--stages", "2,3", *TINY, *_keys(encoders), *tune]
+    args = ["--steps", "3", "--stages", "2,3", *TINY, *encoder_overrides(encoders), *tune]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([PY, "-m", "train.parity", "--data", str(dataset), "--out", str(one), *args])
     _run([str(ROOT / "launch" / "single_node.sh"), "--nproc", "2", "--python", PY, "--module", "train.parity", "--",
@@ -117,7 +110,7 @@ def test_two_processes_equal_one_at_zero_2_and_3(dataset, encoders, tmp_path, mo
 
 def _train_cmd(dataset, encoders, run_dir, *extra, resume=False):
     return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir),
-            *(["--resume"] if resume else []), *TINY, *_keys(encoders), "train.max_epochs=3", *extra]
+            *(["--resume"] if resume else []), *TINY, *encoder_overrides(encoders), "train.max_epochs=3", *extra]
 
 
 def test_lora_checkpoint_holds_the_adapters_resumes_and_recommends(dataset, encoders, tmp_path):
