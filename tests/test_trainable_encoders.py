@@ -108,6 +108,19 @@ def test_two_processes_equal_one_at_zero_2_and_3(dataset, encoders, tmp_path, mo
         assert moved
 
 
+def test_activation_checkpointing_recomputes_the_same_gradients(dataset, encoders, tmp_path):
+    """features.activation_checkpointing recomputes the trained encoders' blocks in backward: the same 3 steps, the
+    same losses and weights (1e-6)."""
+    args = ["--steps", "3", "--stages", "2", *TINY, *encoder_overrides(encoders), "features.tune=top_layers"]
+    dumps = []
+    for checkpointing in ("false", "true"):
+        out = tmp_path / f"checkpointing_{checkpointing}.pt"
+        _run([PY, "-m", "train.parity", "--data", str(dataset), "--out", str(out), *args,
+              f"features.activation_checkpointing={checkpointing}"])
+        dumps.append(torch.load(out, weights_only=False))
+    assert compare(dumps[0], dumps[1], 1e-6) == []
+
+
 def _train_cmd(dataset, encoders, run_dir, *extra, resume=False):
     return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir),
             *(["--resume"] if resume else []), *TINY, *encoder_overrides(encoders), "train.max_epochs=3", *extra]
