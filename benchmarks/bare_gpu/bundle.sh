@@ -46,4 +46,4 @@ load_image_encoder("default").model.to(torch.bfloat16).save_pretrained(sys.argv[
 fi
 tar czf "$out/data/$(basename "$data").tgz" -C "$(dirname "$data")" "$(basename "$data")"
 du -sh "$out/whl" "$out/data"/*.tgz
-echo "carry $out (the device tool's carry limit is 64 MiB) and run: bash benchmarks/bare_gpu/beauty.sh"
+echo "carry $out (the device tool's carry limit is 64 MiB) and run there: bash benchmarks/bare_gpu/beauty.sh (or stream.sh for a bundle made with --image-encoder)"

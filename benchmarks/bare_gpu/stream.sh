@@ -23,5 +23,5 @@ timeout $((deadline - $(date +%s))) python3 -m benchmarks.stream_benchmark --dat
   --record stream_quickstart_gpu train.num_negatives=256 train.precision=bf16 train.zero_stage=2 \
   embedding.backend=torch features.image_decoder=pil "data.image_encoder=$bundle/encoders/dinov2-small-bf16" \
   "model.modalities=[id,image]" "model.mscl_pairs=[[id,image]]" 2>&1 | quiet
-echo "exit $? $(elapsed)"
+echo "exit ${PIPESTATUS[0]} $(elapsed)"
 cp benchmarks/results/stream_quickstart_gpu*.json "$out/" 2>/dev/null || echo "no record written"
