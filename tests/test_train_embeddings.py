@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cammsr.layers import init_id_table_
+from train.distributed import shutdown
 from train.embeddings import TorchItemTable, TorchRecItemTable, initial_blocks, initial_table
 
 
@@ -67,7 +68,8 @@ def _load_sharded_table(rank: int, world: int, port: int, num_rows: int, dim: in
                                   device=torch.device("cpu"))
         torch.save({"rows": table.all_rows(), "footprint": table.footprint()}, f"{out}.{rank}")
     finally:
-        torch.distributed.destroy_process_group()
+        # the trainer's exit path: a Gloo group (TorchRec's included) still alive at interpreter exit can abort it
+        shutdown()
 
 
 def test_each_rank_keeps_only_its_rows_of_the_initial_table(tmp_path):
