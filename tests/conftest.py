@@ -1,6 +1,9 @@
 import io
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,14 @@ def media_dataset(tmp_path_factory):
 
 def encoder_overrides(encoders) -> list[str]:
     return [f"data.text_encoder={encoders[0]}", f"data.image_encoder={encoders[1]}"]
+
+
+def kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout: float = 240) -> None:
+    """Start a training command and SIGKILL it as soon as its first checkpoint is complete."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

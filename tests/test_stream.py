@@ -4,16 +4,14 @@ weights), the Trainer with TorchRec and DeepSpeed, 2 real processes on gloo, a r
 import io
 import json
 import shutil
-import signal
 import subprocess
 import tarfile
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PY, ROOT, TINY_SAMPLED, cpu_env, encoder_overrides
+from conftest import PY, ROOT, TINY_SAMPLED, cpu_env, encoder_overrides, kill_after_first_checkpoint
 from data_shards.checksum import sha256_file
 from data_shards.problems import DataError
 from data_shards.reader import PreparedDataset
@@ -24,25 +22,15 @@ from train.parity import compare
 TINY = [*TINY_SAMPLED]
 
 
-@pytest.fixture(scope="module")
-def encoders(tiny_encoders):
-    return tiny_encoders
-
-
-@pytest.fixture(scope="module")
-def dataset(media_dataset):
-    return media_dataset
-
-
 def _run(cmd, timeout=300, expect=0):
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
-def _parity(dataset, encoders, out, *extra, nproc=1, stages="1"):
-    args = ["--data", str(dataset), "--out", str(out), "--steps", "3", "--stages", stages, *TINY,
-            *encoder_overrides(encoders), *extra]
+def _parity(media_dataset, tiny_encoders, out, *extra, nproc=1, stages="1"):
+    args = ["--data", str(media_dataset), "--out", str(out), "--steps", "3", "--stages", stages, *TINY,
+            *encoder_overrides(tiny_encoders), *extra]
     if nproc == 1:
         _run([PY, "-m", "train.parity", *args])
     else:
@@ -51,11 +39,11 @@ def _parity(dataset, encoders, out, *extra, nproc=1, stages="1"):
     return torch.load(out, weights_only=False)
 
 
-def _stream(dataset, encoders, device="cpu"):
+def _stream(media_dataset, tiny_encoders, device="cpu"):
     from train.config import DataConfig, FeaturesConfig
     from train.media import MediaStream
-    data = PreparedDataset(dataset)
-    data_cfg = DataConfig(text_encoder=str(encoders[0]), image_encoder=str(encoders[1]))
+    data = PreparedDataset(media_dataset)
+    data_cfg = DataConfig(text_encoder=str(tiny_encoders[0]), image_encoder=str(tiny_encoders[1]))
     return data, MediaStream(data, ("id", "text", "image"), data_cfg, FeaturesConfig(mode="stream"),
                              torch.device(device), 0, 1)
 
@@ -65,13 +53,13 @@ def _no_categories():
     return ItemInputs(None, None, None, None, [])
 
 
-def test_stream_features_equal_the_cached_store(dataset, encoders):
+def test_stream_features_equal_the_cached_store(media_dataset, tiny_encoders):
     """The same frozen encoders give the same item vectors through both paths: cached = the `extract` stage's DALI
     walk of the shards into the fp16 store; stream = items read by id, DALI fed by external_source, encoded here."""
     from data_shards.features.extract import ExtractOptions, extract_features
-    stores = extract_features(dataset, ExtractOptions(text_encoder=str(encoders[0]), image_encoder=str(encoders[1]),
-                                                       force=True))
-    data, stream = _stream(dataset, encoders)
+    stores = extract_features(media_dataset, ExtractOptions(text_encoder=str(tiny_encoders[0]),
+                                                            image_encoder=str(tiny_encoders[1]), force=True))
+    data, stream = _stream(media_dataset, tiny_encoders)
     catalogue = stream.catalogue(_no_categories(), progress=False)
     for modality, table in (("text", catalogue.text), ("image", catalogue.image)):
         store = stores[modality]
@@ -84,8 +72,8 @@ def test_stream_features_equal_the_cached_store(dataset, encoders):
     stream.close()
 
 
-def test_token_and_patch_states_have_masks_for_padding_and_missing_images(dataset, encoders):
-    data, stream = _stream(dataset, encoders)
+def test_token_and_patch_states_have_masks_for_padding_and_missing_images(media_dataset, tiny_encoders):
+    data, stream = _stream(media_dataset, tiny_encoders)
     without_image = [item.item_id for item in data.items() if item.image is None]
     ids = np.array([0, 1, 2, without_image[0], 7])
     batch = stream.prepare(ids)
@@ -107,11 +95,11 @@ def test_token_and_patch_states_have_masks_for_padding_and_missing_images(datase
     stream.close()
 
 
-def test_stream_training_matches_cached(dataset, encoders, tmp_path):
+def test_stream_training_matches_cached(media_dataset, tiny_encoders, tmp_path):
     """Same encoders, frozen: stream and cached give the same losses for 3 steps and the same validation and test
     metrics before training, within 1e-3 (the store keeps fp16 vectors, stream fp32)."""
-    cached = _parity(dataset, encoders, tmp_path / "cached.pt", "data.build_features=true")
-    stream = _parity(dataset, encoders, tmp_path / "stream.pt", "features.mode=stream")
+    cached = _parity(media_dataset, tiny_encoders, tmp_path / "cached.pt", "data.build_features=true")
+    stream = _parity(media_dataset, tiny_encoders, tmp_path / "stream.pt", "features.mode=stream")
     for stage in cached:
         a, b = cached[stage], stream[stage]
         assert len(a["losses"]) == len(b["losses"]) == 3
@@ -121,28 +109,28 @@ def test_stream_training_matches_cached(dataset, encoders, tmp_path):
                 assert abs(value - b["metrics_before"][split][key]) <= 1e-3, (split, key)
 
 
-def test_stream_two_processes_equal_one(dataset, encoders, tmp_path):
+def test_stream_two_processes_equal_one(media_dataset, tiny_encoders, tmp_path):
     """Stream mode keeps the global-batch equivalence: 81 users on 2 ranks, each rank encoding its own items and its
     half of the catalogue, give the losses, ID table and dense weights of one process (1e-5), metrics exactly."""
-    one = _parity(dataset, encoders, tmp_path / "one.pt", "features.mode=stream", stages="2")
-    two = _parity(dataset, encoders, tmp_path / "two.pt", "features.mode=stream", nproc=2, stages="2")
+    one = _parity(media_dataset, tiny_encoders, tmp_path / "one.pt", "features.mode=stream", stages="2")
+    two = _parity(media_dataset, tiny_encoders, tmp_path / "two.pt", "features.mode=stream", nproc=2, stages="2")
     assert two[2]["world_size"] == 2
     assert compare(one, two, 1e-5) == []
 
 
-def _train_cmd(dataset, encoders, run_dir, *extra, resume=False):
-    return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir),
-            *(["--resume"] if resume else []), *TINY, *encoder_overrides(encoders), "features.mode=stream",
+def _train_cmd(media_dataset, tiny_encoders, run_dir, *extra, resume=False):
+    return [PY, "-m", "train.command", "--data", str(media_dataset), "--run-dir", str(run_dir),
+            *(["--resume"] if resume else []), *TINY, *encoder_overrides(tiny_encoders), "features.mode=stream",
             "train.max_epochs=3", "logging.every_steps=2", *extra]
 
 
-def test_stream_kill_resume_equals_uninterrupted(dataset, encoders, tmp_path):
+def test_stream_kill_resume_equals_uninterrupted(media_dataset, tiny_encoders, tmp_path):
     """A stream run builds no feature store, shows its media rates, resumes after SIGKILL on the same curve, and
     `cammsr recommend` re-encodes its catalogue from the shards."""
-    dataset = shutil.copytree(dataset, tmp_path / "data", ignore=shutil.ignore_patterns("features"))
+    media_dataset = shutil.copytree(media_dataset, tmp_path / "data", ignore=shutil.ignore_patterns("features"))
     full = tmp_path / "full"
-    trained = _run(_train_cmd(dataset, encoders, full))
-    assert not (dataset / "features").exists()
+    trained = _run(_train_cmd(media_dataset, tiny_encoders, full))
+    assert not (media_dataset / "features").exists()
     assert "content features computed in the run" in trained.stdout and "in the step, frozen" in trained.stdout
     metrics = json.loads((full / "metrics.json").read_text())
     totals = metrics["media"]["rank0_totals"]
@@ -154,15 +142,9 @@ def test_stream_kill_resume_equals_uninterrupted(dataset, encoders, tmp_path):
         assert tag in events.Tags()["scalars"], tag
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(dataset, encoders, killed, "checkpoint.every_steps=3"), cwd=ROOT,
-                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = _run(_train_cmd(dataset, encoders, killed, "checkpoint.every_steps=3", resume=True))
+    kill_after_first_checkpoint(_train_cmd(media_dataset, tiny_encoders, killed, "checkpoint.every_steps=3"),
+                                killed)
+    resumed = _run(_train_cmd(media_dataset, tiny_encoders, killed, "checkpoint.every_steps=3", resume=True))
     assert "resumed from" in resumed.stdout
     after = json.loads((killed / "metrics.json").read_text())
     assert after["valid"] == metrics["valid"] and after["test"] == metrics["test"]
@@ -204,16 +186,16 @@ def _rewrite_item_shard(root, edit) -> None:
     manifest_path.write_text(json.dumps(manifest))
 
 
-def test_bad_media_are_masked_counted_and_training_goes_on(dataset, encoders, tmp_path):
+def test_bad_media_are_masked_counted_and_training_goes_on(media_dataset, tiny_encoders, tmp_path):
     """An image DALI cannot decode (item 3), an empty image (item 4): masked for the rest of the run, named with
     their shard in the log and metrics.json; a text over the encoder's 32 tokens (item 5): cut there, counted once."""
     bad = tmp_path / "bad"
-    shutil.copytree(dataset, bad, ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(media_dataset, bad, ignore=shutil.ignore_patterns("features"))
     long_text = " ".join(["lipstick"] * 80).encode()
     _rewrite_item_shard(bad, lambda name, data: {"0000000003.jpg": b"\xff\xd8\xff\xe0 not really a jpeg" * 4,
                                                  "0000000004.jpg": b"", "0000000005.txt": long_text}.get(name, data))
     run = tmp_path / "run"
-    proc = _run(_train_cmd(bad, encoders, run, "train.max_epochs=2"))
+    proc = _run(_train_cmd(bad, tiny_encoders, run, "train.max_epochs=2"))
     log = proc.stdout + proc.stderr
     assert "item 3 (items/items-000000.tar): image masked for the rest of the run: DALI cannot decode it" in log
     assert "item 4 (items/items-000000.tar): image masked for the rest of the run: empty image" in log
@@ -227,25 +209,25 @@ def test_bad_media_are_masked_counted_and_training_goes_on(dataset, encoders, tm
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_a_damaged_shard_stops_before_the_first_step(dataset, encoders, tmp_path, damage):
+def test_a_damaged_shard_stops_before_the_first_step(media_dataset, tiny_encoders, tmp_path, damage):
     broken = tmp_path / "broken"
-    shutil.copytree(dataset, broken, ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(media_dataset, broken, ignore=shutil.ignore_patterns("features"))
     shard = broken / "items" / "items-000000.tar"
     if damage == "truncated":
         shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
     else:
         shard.unlink()
-    proc = subprocess.run(_train_cmd(broken, encoders, tmp_path / "run"), cwd=ROOT, env=cpu_env(),
+    proc = subprocess.run(_train_cmd(broken, tiny_encoders, tmp_path / "run"), cwd=ROOT, env=cpu_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert str(shard) in proc.stderr and "epoch 0" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
-def test_the_shard_reader_itself_refuses_a_truncated_shard(dataset, tmp_path):
+def test_the_shard_reader_itself_refuses_a_truncated_shard(media_dataset, tmp_path):
     """What ranks other than 0 rely on (they do not verify checksums): the by-id reader checks sizes and offsets."""
     from data_shards.item_media import ItemMediaReader
     broken = tmp_path / "broken"
-    shutil.copytree(dataset, broken, ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(media_dataset, broken, ignore=shutil.ignore_patterns("features"))
     shard = broken / "items" / "items-000000.tar"
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
     with pytest.raises(DataError, match="items-000000.tar: .* bytes, manifest.json says"):

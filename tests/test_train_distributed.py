@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import PY, ROOT, cpu_env, write_tiny_dataset
+from conftest import PY, ROOT, cpu_env, kill_after_first_checkpoint, write_tiny_dataset
 from data_shards.reader import PreparedDataset
 from train.parity import compare
 
@@ -235,14 +235,7 @@ def test_kill_resume_equals_uninterrupted_and_tensorboard_tags(dataset, tmp_path
     # a run killed (SIGKILL) after its first checkpoint, then resumed, ends with the same metrics
     killed = tmp_path / "killed"
     # (mid-epoch checkpoints too: the data position is a step inside an epoch; checkpointing is not in the maths)
-    proc = subprocess.Popen(_train_cmd(dataset, killed, "checkpoint.every_steps=3"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (killed / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(_train_cmd(dataset, killed, "checkpoint.every_steps=3"), killed)
     first = json.loads((killed / "checkpoints" / "latest").read_text())["tag"]
     # a different config cannot resume this run
     bad = subprocess.run(_train_cmd(dataset, killed, "train.lr=0.01", resume=True), cwd=ROOT, env=_env(),

@@ -3,30 +3,18 @@ recommender inside the DeepSpeed engine. Real transformers encoders (tiny config
 over 2 gloo processes, a real SIGKILL."""
 import json
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from conftest import PY, ROOT, TINY_SAMPLED, cpu_env, encoder_overrides
+from conftest import PY, ROOT, TINY_SAMPLED, cpu_env, encoder_overrides, kill_after_first_checkpoint
 from data_shards.features.encoders import load_image_encoder, load_text_encoder
 from train.config import ConfigError, load_config
 from train.encoder_tuning import make_trainable
 from train.parity import compare
 
 TINY = [*TINY_SAMPLED, "features.mode=stream", "features.lr=0.01"]
-
-
-@pytest.fixture(scope="module")
-def encoders(tiny_encoders):
-    return tiny_encoders
-
-
-@pytest.fixture(scope="module")
-def dataset(media_dataset):
-    return media_dataset
 
 
 def _run(cmd, timeout=300):
@@ -36,10 +24,10 @@ def _run(cmd, timeout=300):
 
 
 @pytest.mark.parametrize("mode", ["top_layers", "lora"])
-def test_gradients_reach_exactly_the_parameters_the_mode_trains(encoders, mode):
+def test_gradients_reach_exactly_the_parameters_the_mode_trains(tiny_encoders, mode):
     torch.manual_seed(0)
-    text = load_text_encoder(str(encoders[0]))
-    image = load_image_encoder(str(encoders[1]))
+    text = load_text_encoder(str(tiny_encoders[0]))
+    image = load_image_encoder(str(tiny_encoders[1]))
     for encoder, inputs in ((text, text.tokenize(["a red lipstick", "blue nail polish, long lasting"]).batches[0][1]),
                             (image, torch.randn(2, 3, 32, 32))):
         names = make_trainable(encoder.model, mode, tune_layers=1, lora_rank=2, lora_alpha=4)
@@ -78,25 +66,25 @@ def test_side_adapter_starts_near_the_last_layer_and_trains_its_own_parameters()
 
 @pytest.mark.parametrize("mode, features", [("top_layers", "stream"), ("lora", "stream"),
                                              ("side_adapter", "stream"), ("side_adapter", "cached")])
-def test_two_processes_equal_one_at_zero_2_and_3(dataset, encoders, tmp_path, mode, features):
+def test_two_processes_equal_one_at_zero_2_and_3(media_dataset, tiny_encoders, tmp_path, mode, features):
     """Encoders in the engine: 2 processes == 1 process within 1e-5 (losses, ID table, every dense parameter of the
-    recommender and the encoders) at ZeRO 2 and 3; the trained parameters moved, the frozen ones did not. The side
+    recommender and the tiny_encoders) at ZeRO 2 and 3; the trained parameters moved, the frozen ones did not. The side
     adapter also in cached mode, where the other modality comes from its feature store."""
     tune = [f"features.tune={mode}"] if features == "stream" else ["features.mode=cached",
                                                                    "features.tune_text=side_adapter"]
-    args = ["--steps", "3", "--stages", "2,3", *TINY, *encoder_overrides(encoders), *tune]
+    args = ["--steps", "3", "--stages", "2,3", *TINY, *encoder_overrides(tiny_encoders), *tune]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    _run([PY, "-m", "train.parity", "--data", str(dataset), "--out", str(one), *args])
+    _run([PY, "-m", "train.parity", "--data", str(media_dataset), "--out", str(one), *args])
     _run([str(ROOT / "launch" / "single_node.sh"), "--nproc", "2", "--python", PY, "--module", "train.parity", "--",
-          "--data", str(dataset), "--out", str(two), *args])
+          "--data", str(media_dataset), "--out", str(two), *args])
     one, two = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     assert two[2]["world_size"] == 2
     assert compare(one, two, 1e-5) == []
     dense = one[3]["dense"]
     original = {**{f"encoders.text.model.{n}": p.reshape(-1) for n, p in
-                   load_text_encoder(str(encoders[0])).model.named_parameters()},
+                   load_text_encoder(str(tiny_encoders[0])).model.named_parameters()},
                 **{f"encoders.image.model.{n}": p.reshape(-1) for n, p in
-                   load_image_encoder(str(encoders[1])).model.named_parameters()}}
+                   load_image_encoder(str(tiny_encoders[1])).model.named_parameters()}}
     trained = [n for n in dense if n.startswith("encoders.")]
     assert trained, sorted(dense)[:10]
     moved = [n for n in trained if n not in original or not torch.allclose(dense[n], original[n])]
@@ -108,28 +96,28 @@ def test_two_processes_equal_one_at_zero_2_and_3(dataset, encoders, tmp_path, mo
         assert moved
 
 
-def test_activation_checkpointing_recomputes_the_same_gradients(dataset, encoders, tmp_path):
+def test_activation_checkpointing_recomputes_the_same_gradients(media_dataset, tiny_encoders, tmp_path):
     """features.activation_checkpointing recomputes the trained encoders' blocks in backward: the same 3 steps, the
     same losses and weights (1e-6)."""
-    args = ["--steps", "3", "--stages", "2", *TINY, *encoder_overrides(encoders), "features.tune=top_layers"]
+    args = ["--steps", "3", "--stages", "2", *TINY, *encoder_overrides(tiny_encoders), "features.tune=top_layers"]
     dumps = []
     for checkpointing in ("false", "true"):
         out = tmp_path / f"checkpointing_{checkpointing}.pt"
-        _run([PY, "-m", "train.parity", "--data", str(dataset), "--out", str(out), *args,
+        _run([PY, "-m", "train.parity", "--data", str(media_dataset), "--out", str(out), *args,
               f"features.activation_checkpointing={checkpointing}"])
         dumps.append(torch.load(out, weights_only=False))
     assert compare(dumps[0], dumps[1], 1e-6) == []
 
 
-def _train_cmd(dataset, encoders, run_dir, *extra, resume=False):
-    return [PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(run_dir),
-            *(["--resume"] if resume else []), *TINY, *encoder_overrides(encoders), "train.max_epochs=3", *extra]
+def _train_cmd(media_dataset, tiny_encoders, run_dir, *extra, resume=False):
+    return [PY, "-m", "train.command", "--data", str(media_dataset), "--run-dir", str(run_dir),
+            *(["--resume"] if resume else []), *TINY, *encoder_overrides(tiny_encoders), "train.max_epochs=3", *extra]
 
 
-def test_lora_checkpoint_holds_the_adapters_resumes_and_recommends(dataset, encoders, tmp_path):
-    dataset = shutil.copytree(dataset, tmp_path / "data", ignore=shutil.ignore_patterns("features"))
+def test_lora_checkpoint_holds_the_adapters_resumes_and_recommends(media_dataset, tiny_encoders, tmp_path):
+    media_dataset = shutil.copytree(media_dataset, tmp_path / "data", ignore=shutil.ignore_patterns("features"))
     full = tmp_path / "full"
-    _run(_train_cmd(dataset, encoders, full, "features.tune=lora"))
+    _run(_train_cmd(media_dataset, tiny_encoders, full, "features.tune=lora"))
     metrics = json.loads((full / "metrics.json").read_text())
     latest = json.loads((full / "checkpoints" / "latest").read_text())["tag"]
     from train.recommend import dense_state
@@ -139,15 +127,10 @@ def test_lora_checkpoint_holds_the_adapters_resumes_and_recommends(dataset, enco
     assert any(k.startswith("recommender.") for k in saved)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(dataset, encoders, killed, "features.tune=lora", "checkpoint.every_steps=3"),
-                            cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    _run(_train_cmd(dataset, encoders, killed, "features.tune=lora", "checkpoint.every_steps=3", resume=True))
+    kill_after_first_checkpoint(_train_cmd(media_dataset, tiny_encoders, killed, "features.tune=lora",
+                                           "checkpoint.every_steps=3"), killed)
+    _run(_train_cmd(media_dataset, tiny_encoders, killed, "features.tune=lora", "checkpoint.every_steps=3",
+                    resume=True))
     after = json.loads((killed / "metrics.json").read_text())
     assert after["valid"] == metrics["valid"] and after["test"] == metrics["test"]
 
@@ -164,7 +147,7 @@ def test_lora_checkpoint_holds_the_adapters_resumes_and_recommends(dataset, enco
         got = evaluate(rec.model, table, rec.items, local, "test", rec.cfg.model.max_seq_len, 1024, (5, 10),
                        rec.device, rec.dtype)
     assert got == metrics["test"]
-    frozen = load_text_encoder(str(encoders[0])).encode([next(rec.data.items()).text])
+    frozen = load_text_encoder(str(tiny_encoders[0])).encode([next(rec.data.items()).text])
     assert not torch.allclose(rec.items.text[1], frozen[0], atol=1e-4)
 
 
