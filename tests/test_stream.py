@@ -187,22 +187,29 @@ def _rewrite_item_shard(root, edit) -> None:
 
 
 def test_bad_media_are_masked_counted_and_training_goes_on(media_dataset, tiny_encoders, tmp_path):
-    """An image DALI cannot decode (item 3), an empty image (item 4): masked for the rest of the run, named with
-    their shard in the log and metrics.json; a text over the encoder's 32 tokens (item 5): cut there, counted once."""
+    """Bytes with no readable image header (item 3: kept away from DALI, whose parser has crashed the process on
+    them), a JPEG cut in half (item 6: a readable header, so DALI meets it and fails), an empty image (item 4): masked
+    for the rest of the run, named with their shard in the log and metrics.json; a text over the encoder's 32 tokens
+    (item 5): cut there, counted once."""
     bad = tmp_path / "bad"
     shutil.copytree(media_dataset, bad, ignore=shutil.ignore_patterns("features"))
     long_text = " ".join(["lipstick"] * 80).encode()
     _rewrite_item_shard(bad, lambda name, data: {"0000000003.jpg": b"\xff\xd8\xff\xe0 not really a jpeg" * 4,
-                                                 "0000000004.jpg": b"", "0000000005.txt": long_text}.get(name, data))
+                                                 "0000000004.jpg": b"", "0000000005.txt": long_text,
+                                                 "0000000006.jpg": data[:len(data) // 2]}.get(name, data))
     run = tmp_path / "run"
     proc = _run(_train_cmd(bad, tiny_encoders, run, "train.max_epochs=2"))
     log = proc.stdout + proc.stderr
-    assert "item 3 (items/items-000000.tar): image masked for the rest of the run: DALI cannot decode it" in log
+    assert ("item 3 (items/items-000000.tar): image masked for the rest of the run: unreadable image header "
+            "(OSError: Truncated File Read)") in log
+    assert ("item 6 (items/items-000000.tar): image masked for the rest of the run: DALI cannot decode it "
+            "(Failed to decode sample #0)") in log
     assert "item 4 (items/items-000000.tar): image masked for the rest of the run: empty image" in log
     assert log.count("item 3 (items/items-000000.tar): image masked") == 1  # found once, then skipped
     problems = json.loads((run / "metrics.json").read_text())["media"]["problems"]
-    assert problems["bad_image_masked"]["count"] == 2
-    assert problems["bad_image_masked"]["examples"][0].startswith("item 3: items/items-000000.tar: DALI")
+    assert problems["bad_image_masked"]["count"] == 3
+    assert {example.split(":")[0] for example in problems["bad_image_masked"]["examples"]} == {
+        "item 3", "item 4", "item 6"}
     assert problems["text_truncated"] == {"count": 1, "examples": [
         "item 5: items/items-000000.tar: longer than 32 tokens, cut there"]}
     assert json.loads((run / "metrics.json").read_text())["test"]["count"] == 81

@@ -3,13 +3,18 @@
 CPU decoding otherwise), or PIL where DALI is not installed.
 
 DALI has no per-sample error handling: one undecodable image fails the whole batch and leaves the pipeline
-unusable. The DALI decoder then rebuilds its pipeline and decodes the batch's images one at a time, so the bad ones
-are found and reported while the good ones keep their DALI pixels.
+unusable, and its parser has crashed the whole process (SIGSEGV) on malformed JPEG markers. So bytes whose image
+header PIL cannot parse (a cheap read of the header, no decoding) never reach DALI; they are reported at once. For
+the rare image that passes the header check and still fails in DALI, the decoder rebuilds its pipeline and decodes
+that batch's images one at a time, so the bad ones are found while the good ones keep their DALI pixels.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
+from PIL import Image
 
 from data_shards.features.pil_images import crop_image, normalise
 from data_shards.features.preprocess import ImagePreprocessing
@@ -46,6 +51,16 @@ class PilImageDecoder:
         if not crops:
             return DecodedImages(_empty(self.prep, 0).pixels, ok, reasons)
         return DecodedImages(normalise(np.stack(crops), self.prep), ok, reasons)
+
+
+def unreadable_header(data: bytes) -> str | None:
+    """Why PIL cannot parse the image header of `data`, or None when it can (the pixels are not decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        message = str(err).split(" <_io.BytesIO")[0]  # PIL names the in-memory file by its address
+        return f"unreadable image header ({type(err).__name__}: {message})"
 
 
 class DaliImageDecoder:
@@ -96,20 +111,25 @@ class DaliImageDecoder:
 
     def decode(self, images: list[bytes]) -> DecodedImages:
         parts, ok, reasons = [], np.zeros(len(images), dtype=bool), {}
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start:start + self.max_batch]
+        for index, data in enumerate(images):
+            reason = unreadable_header(data)
+            if reason is not None:
+                reasons[index] = reason
+        readable = [index for index in range(len(images)) if index not in reasons]
+        for start in range(0, len(readable), self.max_batch):
+            chunk = readable[start:start + self.max_batch]
             try:
-                parts.append(self._run(chunk))
-                ok[start:start + len(chunk)] = True
+                parts.append(self._run([images[index] for index in chunk]))
+                ok[chunk] = True
                 continue
             except RuntimeError:
                 pass
-            for offset, data in enumerate(chunk):  # find the bad ones; the good keep DALI's pixels
+            for index in chunk:  # find the bad ones; the good keep DALI's pixels
                 try:
-                    parts.append(self._run([data]))
-                    ok[start + offset] = True
+                    parts.append(self._run([images[index]]))
+                    ok[index] = True
                 except RuntimeError as err:
-                    reasons[start + offset] = "DALI cannot decode it (" + _first_error_line(err) + ")"
+                    reasons[index] = "DALI cannot decode it (" + _first_error_line(err) + ")"
         if not parts:
             device = None if self.device_id is None else torch.device("cuda", self.device_id)
             return DecodedImages(_empty(self.prep, 0, device).pixels, ok, reasons)
@@ -117,8 +137,9 @@ class DaliImageDecoder:
 
 
 def _first_error_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = [line for line in lines if "error" in line.lower() and "Critical error" not in line]
+    """DALI's own reason ("Failed to decode sample #0"), not its traceback of the pipeline definition."""
+    lines = [line.strip(" :") for line in str(err).splitlines() if line.strip(" :")]
+    detail = [line for line in lines if line.startswith("Failed to decode")]
     return (detail or lines or [type(err).__name__])[0][:160]
 
 
