@@ -12,27 +12,14 @@ interrupted one resumed, so the command continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks.paired_comparison import paired_difference, per_user_ndcg
+from benchmarks.training_runs import train_or_resume
 
 
 def train(data: str, config: str | None, run_dir: Path, overrides: list[str]) -> dict:
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("test") is not None:
-        print(f"{run_dir}: finished, reused", flush=True)
-        return json.loads(metrics.read_text())
-    resume = (run_dir / "checkpoints" / "latest").is_file()
-    command = [sys.executable, "-m", "train.command", "--data", data, "--run-dir", str(run_dir),
-               *(["--config", config] if config else []), *(["--resume"] if resume else []),
-               "model.loss_type=sampled_softmax", *overrides]
-    print(("resuming: " if resume else "training: ") + " ".join(command), flush=True)
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit(f"training {run_dir} failed (its output is above)")
-    return json.loads(metrics.read_text())
+    return train_or_resume(data, config, run_dir, ["model.loss_type=sampled_softmax", *overrides])
 
 
 def main(argv: list[str] | None = None) -> int:

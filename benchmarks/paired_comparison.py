@@ -21,9 +21,10 @@ from train.recommend import RunRecommender
 
 def per_user_ndcg(run_dir, data_dir, split: str) -> np.ndarray:
     recommender = RunRecommender(run_dir, data_path=data_dir)
-    sequences = [s.items for s in PreparedDataset(data_dir, verify=False).user_sequences()]
-    histories, targets = split_histories(sequences, split)
-    users = user_vectors_after(recommender, histories).flatten(1)
+    users_data = list(PreparedDataset(data_dir, verify=False).user_sequences())
+    histories, targets = split_histories([s.items for s in users_data], split)
+    times, _ = split_histories([s.timestamps.tolist() for s in users_data], split)
+    users = user_vectors_after(recommender, histories, times).flatten(1)
     scores = users @ recommender.candidates[1:].flatten(1).T
     return ndcg_at_10_per_user(scores, targets.to(scores.device)).cpu().numpy()
 

@@ -8,9 +8,13 @@ from cammsr.metrics import expected_metric
 from train.recommend import RunRecommender
 
 
-def user_vectors_after(recommender: RunRecommender, histories: list[list[int]]) -> torch.Tensor:
-    """[users, M, d] (SASRec: [users, d]): each user's vectors after the given history (its last max_seq_len)."""
-    return torch.stack([recommender.user_output(history).user_vectors[0].float() for history in histories])
+def user_vectors_after(recommender: RunRecommender, histories: list[list[int]],
+                       times: list[list[float]] | None = None) -> torch.Tensor:
+    """[users, M, d] (SASRec: [users, d]): each user's vectors after the given history (its last max_seq_len) and
+    its interaction times (None: not known; time-aware models refuse that)."""
+    times = times or [None] * len(histories)
+    return torch.stack([recommender.user_output(history, when).user_vectors[0].float()
+                        for history, when in zip(histories, times)])
 
 
 def ndcg_at_10_per_user(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .mscl import pair_loss
+from .mscl import info_nce, pair_loss
 from .scoring import full_softmax_cross_entropy, sampled_recommendation_loss, target_ranks, top_k_items
+
+
+@dataclass
+class BatchTerm:
+    """A model's own auxiliary loss over its training batch (HM4SR's IDCL and PCL, FindRec's IICM, TAME's CL),
+    computed on the GLOBAL batch so that N processes train as one: `tensors` hold rows aligned with the batch rows
+    ([B, ...], floating or integer); the trainer gathers them from every rank (gradients flow back to each rank's
+    rows) and adds `weight * fn(tensors, real)` to the loss, `real` [B] marking the batch's real rows.
+    `sequence_tensors`: the indices of tensors whose dim 1 is the sequence ([B, L, ...]), padded to max_seq_len
+    before the gather since each rank's batch is as wide as its longest window."""
+
+    name: str
+    weight: float
+    tensors: tuple[torch.Tensor, ...]
+    fn: Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
+    sequence_tensors: tuple[int, ...] = ()
+
+    def along_sequence(self) -> list[bool]:
+        return [index in self.sequence_tensors for index in range(len(self.tensors))]
+
+
+@dataclass
+class TargetContrast:
+    """InfoNCE between one modality's user vectors and the candidate vectors of their targets in that modality,
+    the other scored targets of the GLOBAL batch as negatives, cosine similarity / temperature (HM4SR's IDCL,
+    Eq. 23; TAME's CL, Eq. 16). The trainer builds it from the targets, which the model's forward never sees. In
+    all-positions mode every scored position is an anchor, and the other positions of its own window are left out
+    of its negatives (the papers' batches hold one prefix per sequence), as MSCL's every_prefix does."""
+
+    name: str
+    modality: int
+    weight: float
+    temperature: float
+
+    def batch_term(self, output: "ModelOutput", target_vectors: torch.Tensor, targets: torch.Tensor) -> BatchTerm:
+        """The term on this batch: `target_vectors` [..., M, d] shaped like `output.user_vectors`, `targets` [B] or
+        [B, L] (0 = not scored)."""
+        user, target = output.user_vectors[..., self.modality, :], target_vectors[..., self.modality, :]
+        scored = (targets > 0).to(user.dtype)
+        along = (0, 1, 2) if targets.dim() == 2 else ()
+        return BatchTerm(self.name, self.weight, (user, target, scored),
+                         partial(target_contrast_loss, temperature=self.temperature), along)
+
+
+def target_contrast_loss(tensors: tuple[torch.Tensor, ...], real: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TargetContrast's InfoNCE over the scored targets of the real rows: (user [B(, L), d], target [B(, L), d],
+    scored [B(, L)])."""
+    user, target, scored = tensors
+    mask = (scored > 0) & (real if scored.dim() == 1 else real[:, None])
+    if not mask.any():  # nothing scored on this batch: a zero that keeps the graph
+        return user.sum() * 0.0
+    groups = None
+    if scored.dim() == 2:
+        groups = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    return info_nce(user[mask], target[mask], temperature, groups=groups)
+
+
+def target_vectors_of(targets: torch.Tensor, candidates: torch.Tensor | None = None,
+                      sampled: "SampledCandidates | None" = None) -> torch.Tensor:
+    """Candidate vectors [*targets.shape, M, d] of each target (zeros where targets == 0): rows of the whole
+    catalogue's `candidates`, or the sampled loss's `target_vectors` (the scored targets in row order)."""
+    if candidates is not None:
+        return candidates[targets]
+    rows = sampled.target_vectors
+    vectors = rows.new_zeros(targets.shape + rows.shape[1:])
+    vectors[targets > 0] = rows
+    return vectors
 
 
 @dataclass
@@ -20,7 +89,8 @@ class ModelOutput:
     monitoring (None for models without them). category_loss: scalar (None when off).
     mscl_views: the (Z_aug^{m1}, Z_aug^{m2}) pairs of MSCL (empty when off), [B, d] at each row's last position or
     [B, L, d] at every position (`mscl_anchors`); the loss is computed from them, with this batch's negatives
-    (`loss`) or the global batch's (the trainer).
+    (`loss`) or the global batch's (the trainer). batch_terms, target_contrasts: the model's other auxiliary losses
+    (training only).
     """
 
     user_vectors: torch.Tensor
@@ -30,6 +100,16 @@ class ModelOutput:
     expert_weights: torch.Tensor | None = None
     category_loss: torch.Tensor | None = None
     mscl_views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    batch_terms: list[BatchTerm] = field(default_factory=list)
+    target_contrasts: list[TargetContrast] = field(default_factory=list)
+
+    def all_batch_terms(self, targets: torch.Tensor, candidates: torch.Tensor | None = None,
+                        sampled: "SampledCandidates | None" = None) -> list[BatchTerm]:
+        """The model's batch terms and its target contrasts as batch terms on these targets."""
+        if not self.target_contrasts:
+            return list(self.batch_terms)
+        vectors = target_vectors_of(targets, candidates, sampled)
+        return [*self.batch_terms, *(c.batch_term(self, vectors, targets) for c in self.target_contrasts)]
 
     def flat_user_vectors(self) -> torch.Tensor:
         """[R, M * d] rows matching `targets.reshape(-1)`."""
@@ -69,13 +149,20 @@ class LossTerms:
     recommendation: torch.Tensor
     mscl: torch.Tensor
     category: torch.Tensor
+    auxiliary: torch.Tensor | None = None  # the weighted sum of the model's batch terms
+
+    def logged(self) -> torch.Tensor:
+        """[total, recommendation, mscl, category, auxiliary], detached."""
+        auxiliary = self.category.new_zeros(()) if self.auxiliary is None else self.auxiliary
+        return torch.stack([self.total, self.recommendation, self.mscl, self.category, auxiliary]).detach()
 
 
 class SequentialRecommender(nn.Module):
-    """Trainer-facing interface shared by CAMMSR and SASRec.
+    """Trainer-facing interface shared by every model.
 
-    forward(item_seq [B, L], seq_len [B], id_emb [B, L, d], text_feat, image_feat, cat_labels, has_cat)
-      -> ModelOutput. Sequences are left-aligned, padding (0) at the end.
+    forward(item_seq [B, L], seq_len [B], id_emb [B, L, d], text_feat, image_feat, cat_labels, has_cat, time_seq)
+      -> ModelOutput. Sequences are left-aligned, padding (0) at the end. time_seq [B, L] float64 seconds (None
+      when unknown: models that need times refuse it).
     item_candidates(id_rows, text_rows, image_rows) -> [N + 1, M, d] (row = item id, row 0 padding).
     """
 
@@ -115,7 +202,9 @@ class SequentialRecommender(nn.Module):
         total = recommendation + self.cfg.mscl_weight * mscl
         if self.cfg.aux_category_loss_weight:
             total = total + self.cfg.aux_category_loss_weight * category
-        return LossTerms(total, recommendation, mscl, category)
+        terms = output.all_batch_terms(targets, candidates, sampled)
+        auxiliary = sum((term.weight * term.fn(term.tensors, real) for term in terms), zero)
+        return LossTerms(total + auxiliary, recommendation, mscl, category, auxiliary)
 
     @torch.no_grad()
     def rank_targets(self, output: ModelOutput, candidates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,7 @@ class CAMMSR(SequentialRecommender):
         self.id_only = id_only
 
     def fit_feature_statistics(self, text_table=None, image_table=None) -> None:
-        for modality, table in (("text", text_table), ("image", image_table)):
-            if table is not None:
-                self.items.fit_feature_statistics(modality, table, table.abs().sum(dim=1) > 0)
+        self.items.fit_tables(text_table, image_table)
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """Candidate vectors per modality, [N + 1, M, d]: the projected features x (no position, no CAMoE)."""
@@ -53,7 +51,9 @@ class CAMMSR(SequentialRecommender):
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor, id_emb: torch.Tensor | None,
                 text_feat: torch.Tensor | None = None, image_feat: torch.Tensor | None = None,
-                cat_labels: torch.Tensor | None = None, has_cat: torch.Tensor | None = None) -> ModelOutput:
+                cat_labels: torch.Tensor | None = None, has_cat: torch.Tensor | None = None,
+                time_seq: torch.Tensor | None = None) -> ModelOutput:
+        """time_seq is accepted and not used: CAMMSR has no explicit time."""
         valid = item_seq != 0
         _, e = self.items(id_emb, text_feat, image_feat)                       # [B, L, M, d]
         e_hat, expert_weights = self.moe(e, valid)

@@ -10,12 +10,13 @@ from .config import ModelConfig
 
 class ItemRepresentation(nn.Module):
     """x_m for each enabled modality (Eq. 4: trainable projections of frozen text/image features) and
-    e_m = x_m + p (position embedding). Modalities are stacked on a new axis in `cfg.modalities` order.
+    e_m = x_m + p (position embedding; `with_position=False` for models that have no positions, which then use
+    `project` alone). Modalities are stacked on a new axis in `cfg.modalities` order.
 
     ID rows are looked up by the trainer (so the table can be a sharded TorchRec collection) and passed in.
     """
 
-    def __init__(self, cfg: ModelConfig, text_dim: int, image_dim: int):
+    def __init__(self, cfg: ModelConfig, text_dim: int, image_dim: int, with_position: bool = True):
         super().__init__()
         self.modalities = cfg.modalities
         self.standardize = cfg.feature_normalization == "standardize"
@@ -28,7 +29,8 @@ class ItemRepresentation(nn.Module):
                 if self.standardize:
                     self.register_buffer(f"{modality}_mean", torch.zeros(dim))
                     self.register_buffer(f"{modality}_inv_std", torch.ones(dim))
-        self.position = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+        if with_position:
+            self.position = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
 
     @torch.no_grad()
     def fit_feature_statistics(self, modality: str, table: torch.Tensor, present: torch.Tensor) -> None:
@@ -43,6 +45,12 @@ class ItemRepresentation(nn.Module):
         # projection's initialisation assumes (plain z-scores made the first loss ~4x ln N).
         scale = rows.std(dim=0).clamp_min(1e-4) * rows.shape[1] ** 0.5
         getattr(self, f"{modality}_inv_std").copy_(scale.reciprocal())
+
+    def fit_tables(self, text_table: torch.Tensor | None, image_table: torch.Tensor | None) -> None:
+        """`fit_feature_statistics` of each given catalogue table ([N + 1, F]; all-zero rows: items without it)."""
+        for modality, table in (("text", text_table), ("image", image_table)):
+            if table is not None:
+                self.fit_feature_statistics(modality, table, table.abs().sum(dim=1) > 0)
 
     def _features(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
         if self.standardize:

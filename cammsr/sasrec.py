@@ -39,8 +39,8 @@ class SASRec(SequentialRecommender):
         return id_rows[:, None, :]
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor, id_emb: torch.Tensor,
-                text_feat=None, image_feat=None, cat_labels=None, has_cat=None) -> ModelOutput:
-        """Same call as CAMMSR; the feature and category arguments are accepted and not used."""
+                text_feat=None, image_feat=None, cat_labels=None, has_cat=None, time_seq=None) -> ModelOutput:
+        """Same call as CAMMSR; the feature, category and time arguments are accepted and not used."""
         valid = item_seq != 0
         hidden = self.encoder(id_emb + self._positions(item_seq, seq_len), causal_padding_mask(valid))
         if self.cfg.sequence_mode == "prefix":

@@ -14,6 +14,13 @@ def _ids(value: str) -> list[str]:
     return ids
 
 
+def _times(value: str) -> list[float]:
+    try:
+        return [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated Unix times in seconds, got {value!r}") from None
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
@@ -33,6 +40,9 @@ def add_recommend_command(subparsers) -> argparse.ArgumentParser:
                         help="item ids in chronological order (oldest first): the dataset's original ids (ASIN, "
                              "movie id, ...) unless --internal-ids; only the last model.max_seq_len are read")
     parser.add_argument("--internal-ids", action="store_true", help="--history holds internal ids 1..N")
+    parser.add_argument("--times", type=_times, metavar="T,T,...",
+                        help="the interaction time of each --history item (Unix seconds): needed by time-aware "
+                             "models (HM4SR), not read by the others")
     parser.add_argument("--k", type=_positive, default=10, help="how many items to recommend")
     parser.add_argument("--include-history", action="store_true",
                         help="keep items of the history among the recommendations (excluded by default)")
@@ -55,7 +65,7 @@ def run_recommend(args) -> dict:
         print(f"note: the history has {len(history)} items; the model reads the last {used} "
               f"(model.max_seq_len={recommender.max_len})", file=sys.stderr)
     exclude = set() if args.include_history else set(history)
-    ranked = recommender.top_k(history, args.k, exclude)
+    ranked = recommender.top_k(history, args.k, exclude, args.times)
     if len(ranked) < args.k:
         print(f"note: only {len(ranked)} items are left to recommend", file=sys.stderr)
 

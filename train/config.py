@@ -1,7 +1,7 @@
 """The training config: one typed tree (dataclasses), a YAML file + `key=value` overrides, validated once.
 
 Sections: data, model (= cammsr.ModelConfig, its fields are the public model keys), train, embedding, eval, features,
-checkpoint, logging, distributed. Overrides: `section.key=value` or a bare `key=value` when the name is unique
+categories, checkpoint, logging, distributed. Overrides: `section.key=value` or a bare `key=value` when the name is unique
 across sections (`max_epochs=3`); `model=sasrec` is short for `model.name=sasrec`. Values are parsed as YAML.
 Every error names the key (ConfigError, a ValueError).
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from cammsr.config import ModelConfig
+from train.category_labels import CATEGORY_SOURCES, NOISE_TYPES
 
 
 class ConfigError(ValueError):
@@ -35,10 +36,29 @@ class DataConfig:
     # the patch size (14 for the default); below the pictures' own size it saves encoder time, not information.
     image_size: int = 0
     extract_batch_size: int = 64
+    # Token-level stores (models that attend over token / patch states: model.name=tame): text tokens per item
+    # ([CLS] included) and the side of the grid the image patches are average-pooled to (0: every patch).
+    text_token_limit: int = 64
+    image_token_grid: int = 4
     # Catalogue items beyond the dataset's (ids num_items+1 .. num_items+extra_items) with no interactions and no
     # features: they get ID rows, can be drawn as negatives and are ranked in evaluation. For scaling runs of
     # ID-only models (model.name=sasrec): a huge ID table without writing millions of item samples.
     extra_items: int = 0
+
+
+@dataclass
+class CategoriesConfig:
+    # Which item category labels the models read (train.category_labels): "dataset" (every label an item has: the
+    # paper's multi-label setting), "first_path" (one category path per item) or "virtual" (the paper's "none
+    # category" setting: virtual_count k-means clusters of the items' frozen text/image features).
+    source: str = "dataset"
+    virtual_count: int = 20
+    # The CAMMSR paper's noise study (Table V): this fraction of the labelled items gets its labels removed
+    # ("removal") or replaced by another item's differing labels ("misleading"); label_seed draws them (and seeds
+    # the virtual clusters).
+    noise: float = 0.0
+    noise_type: str = "removal"
+    label_seed: int = 0
 
 
 @dataclass
@@ -172,6 +192,7 @@ class Config:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    categories: CategoriesConfig = field(default_factory=CategoriesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -199,8 +220,8 @@ class Config:
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "embedding": EmbeddingConfig,
-                  "eval": EvalConfig, "features": FeaturesConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
-                  "distributed": DistributedConfig}
+                  "eval": EvalConfig, "features": FeaturesConfig, "categories": CategoriesConfig,
+                  "checkpoint": CheckpointConfig, "logging": LoggingConfig, "distributed": DistributedConfig}
 _CHOICES = {
     ("train", "optimizer"): ("adam", "adamw", "sgd"),
     ("eval", "test"): ("end", "each_best", "never"),
@@ -218,6 +239,8 @@ _CHOICES = {
     ("distributed", "backend"): ("auto", "gloo", "nccl"),
     ("features", "mode"): ("cached", "stream"),
     ("features", "image_decoder"): ("auto", "dali", "pil"),
+    ("categories", "source"): CATEGORY_SOURCES,
+    ("categories", "noise_type"): NOISE_TYPES,
 }
 
 
@@ -379,6 +402,11 @@ def validate(cfg: Config, world_size: int | None = None, cuda: bool | None = Non
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{section}.{key}={value!r}: must be one of {list(allowed)}")
+    c = cfg.categories
+    if not 0.0 <= c.noise < 1.0:
+        raise ConfigError(f"categories.noise={c.noise!r}: must be in [0, 1)")
+    if c.virtual_count < 2:
+        raise ConfigError(f"categories.virtual_count={c.virtual_count!r}: must be >= 2")
     t = cfg.train
     positive = [("train.batch_size", t.batch_size), ("train.max_epochs", t.max_epochs), ("train.lr", t.lr),
                 ("embedding.lr", cfg.embedding.lr), ("eval.every", cfg.eval.every),
@@ -470,6 +498,13 @@ def _validate_features(cfg: Config) -> None:
             raise ConfigError(f"features.tune_{modality}={mode!r} trains the {modality} encoder inside the step: it "
                               "needs features.mode=stream (cached mode never runs the encoder)")
     adapted = [m for m in ("text", "image") if (getattr(f, f"tune_{m}") or f.tune) == "side_adapter"]
+    if cfg.model.reads_tokens and (f.mode == "stream" or adapted):
+        raise ConfigError(f"model.name={cfg.model.name!r} reads token / patch states from token-level feature stores "
+                          "(features.mode=cached, features.tune=frozen): stream mode and side adapters feed pooled "
+                          "vectors")
+    if cfg.data.text_token_limit < 2 or cfg.data.image_token_grid < 0:
+        raise ConfigError(f"data.text_token_limit={cfg.data.text_token_limit!r} must be >= 2 and "
+                          f"data.image_token_grid={cfg.data.image_token_grid!r} >= 0")
     if f.mode != "stream" and not adapted:
         return
     why = "features.mode='stream'" if f.mode == "stream" else f"a side adapter ({', '.join(adapted)})"

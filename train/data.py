@@ -35,10 +35,14 @@ class Batch:
     # [B] long, training batches only: each row's index in the global sample order (-1 for padding rows), the
     # same for every world size (what keys per-target negatives)
     samples: torch.Tensor | None = None
+    # [B, L] float64: the interaction timestamps (seconds, as in the shards) of item_seq, 0 at padding; what
+    # time-aware models (HM4SR) read. None where no times are known (a history typed into `recommend`).
+    time_seq: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if t is None else t.to(device, non_blocking=True)
-                       for t in (self.item_seq, self.seq_len, self.targets, self.real, self.samples)))
+                       for t in (self.item_seq, self.seq_len, self.targets, self.real, self.samples,
+                                 self.time_seq)))
 
     def target_keys(self, max_len: int) -> torch.Tensor:
         """A world-size-independent key of each scored target (targets > 0), in `targets.reshape(-1)` order:
@@ -55,10 +59,11 @@ class Batch:
 
 
 class LocalSequences:
-    """This rank's users: concatenated item arrays with offsets (all interactions, val/test included)."""
+    """This rank's users: concatenated item arrays and their timestamps with offsets (all interactions, val/test
+    included)."""
 
     def __init__(self, data: PreparedDataset, rank: int, world_size: int):
-        users, arrays = [], []
+        users, arrays, times = [], [], []
         sequences = list(data.user_sequences(rank, world_size))
         for seq in sequences:
             if len(seq.items) < 3:
@@ -66,12 +71,14 @@ class LocalSequences:
                                 "leave-one-out needs 3")
             users.append(seq.user_id)
             arrays.append(seq.items)
+            times.append(seq.timestamps)
         order = np.argsort(np.asarray(users, dtype=np.int64), kind="stable")
         self.user_ids = np.asarray(users, dtype=np.int64)[order]
-        arrays = [arrays[i] for i in order]
+        arrays, times = [arrays[i] for i in order], [times[i] for i in order]
         self.lengths = np.asarray([len(a) for a in arrays], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self.flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        self.flat_times = np.concatenate(times).astype(np.float64) if times else np.zeros(0, dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -168,11 +175,13 @@ class TrainPlan:
             target_pos = self.sample_position[samples] + 1  # index within the training part
             lengths = np.minimum(target_pos, L)
             seqs = _windows(local.flat, start + target_pos, lengths, L)
+            times = _windows(local.flat_times, start + target_pos, lengths, L)
             targets = local.flat[start + target_pos]
         else:  # window w (0 = latest) predicts training items (hi - length, hi], hi = train_len - 1 - w * L
             last_target = local.train_lengths[users] - 1 - self.sample_position[samples] * L
             lengths = np.minimum(last_target, L)
             seqs = _windows(local.flat, start + last_target, lengths, L)
+            times = _windows(local.flat_times, start + last_target, lengths, L)
             targets = _windows(local.flat, start + last_target + 1, lengths, L)
         pad = width - len(samples)
         real = np.concatenate([np.ones(len(samples), bool), np.zeros(pad, bool)])
@@ -181,11 +190,13 @@ class TrainPlan:
             dummy = np.zeros((pad, seqs.shape[1]), dtype=np.int64)
             dummy[:, 0] = 1  # a valid length-1 sequence (keeps attention finite); its target is ignored
             seqs = np.concatenate([seqs, dummy])
+            times = np.concatenate([times, np.zeros(dummy.shape, dtype=np.float64)])
             lengths = np.concatenate([lengths, np.ones(pad, dtype=np.int64)])
             target_pad = np.zeros((pad,) + targets.shape[1:], dtype=np.int64)
             targets = np.concatenate([targets, target_pad])
         return Batch(torch.from_numpy(seqs), torch.from_numpy(lengths.astype(np.int64)),
-                     torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real), torch.from_numpy(keys))
+                     torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(real), torch.from_numpy(keys),
+                     torch.from_numpy(times))
 
 
 def eval_order(local: LocalSequences, users: np.ndarray | None = None) -> np.ndarray:
@@ -206,6 +217,8 @@ def eval_batches(local: LocalSequences, split: str, max_len: int, batch_size: in
         hist_end = local.offsets[users] + local.lengths[users] - drop
         hist_len = np.minimum(local.lengths[users] - drop, max_len)
         seqs = _windows(local.flat, hist_end, hist_len, max_len)
+        times = _windows(local.flat_times, hist_end, hist_len, max_len)
         targets = local.flat[hist_end]
         yield Batch(torch.from_numpy(seqs), torch.from_numpy(hist_len.astype(np.int64)),
-                    torch.from_numpy(targets.astype(np.int64)), torch.ones(len(users), dtype=torch.bool))
+                    torch.from_numpy(targets.astype(np.int64)), torch.ones(len(users), dtype=torch.bool),
+                    time_seq=torch.from_numpy(times))

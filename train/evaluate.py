@@ -59,7 +59,7 @@ def _dummy(max_len: int) -> Batch:
     seq = torch.zeros(1, max_len, dtype=torch.long)
     seq[0, 0] = 1
     return Batch(seq, torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.long),
-                 torch.zeros(1, dtype=torch.bool))
+                 torch.zeros(1, dtype=torch.bool), time_seq=torch.zeros(1, max_len, dtype=torch.float64))
 
 
 def history_pairs(local: LocalSequences, split: str, users: np.ndarray | None, device) -> tuple:

@@ -11,24 +11,27 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_shards.features.store import open_store
+from data_shards.features.store import open_store, store_name
 from data_shards.problems import DataError
 from data_shards.reader import PreparedDataset
+from train.category_labels import category_labels
+from train.config import CategoriesConfig, DataConfig
 from train.distributed import read_env
 
 
 @dataclass
 class ItemInputs:
-    text: torch.Tensor | None  # [N + 1, F_t] (row 0 zero)
-    image: torch.Tensor | None  # [N + 1, F_v]
+    text: torch.Tensor | None  # [N + 1, F_t] (row 0 zero); token stores: [N + 1, T, F_t], zero at padding tokens
+    image: torch.Tensor | None  # [N + 1, F_v]; token stores: [N + 1, 1 + P, F_v]
     categories: torch.Tensor | None  # [N + 1, C] float multi-hot
     has_category: torch.Tensor | None  # [N + 1] bool
     category_levels: list[int]
+    category_names: list[str] | None = None
+    category_summary: dict | None = None  # which labels (train.category_labels), None when the model reads none
 
     def rows(self, modality: str, ids: torch.Tensor) -> torch.Tensor | None:
         """The `modality` ("text" | "image") feature rows of item `ids` (any shape), None where the model has none."""
@@ -37,11 +40,11 @@ class ItemInputs:
 
     @property
     def text_dim(self) -> int:
-        return 0 if self.text is None else self.text.shape[1]
+        return 0 if self.text is None else self.text.shape[-1]
 
     @property
     def image_dim(self) -> int:
-        return 0 if self.image is None else self.image.shape[1]
+        return 0 if self.image is None else self.image.shape[-1]
 
     @property
     def num_categories(self) -> int:
@@ -59,31 +62,34 @@ def _alone():
         os.environ.update(hidden)
 
 
-def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, text_encoder: str,
-                          image_encoder: str, image_size: int, batch_size: int, wait_s: float = 4 * 3600) -> None:
+def ensure_feature_stores(data_cfg: DataConfig, modalities: tuple[str, ...], tokens: bool = False,
+                          wait_s: float = 4 * 3600) -> None:
     """Make the stores current BEFORE the process group exists (extraction can outlast a collective timeout):
     global rank 0, as a single process, reuses each store whose fingerprint matches the configured encoder and
     rebuilds a missing or stale one; the other ranks wait for complete stores to appear (on a shared file
-    system; otherwise run `cammsr extract` on every node first)."""
+    system; otherwise run `cammsr extract` on every node first). `tokens`: the token / patch state stores."""
     needed = [m for m in ("text", "image") if m in modalities]
     if not needed:
         return
-    data = PreparedDataset(root, verify=False)
-    missing = [m for m in needed if open_store(data, m) is None]
-    if not build:
+    data = PreparedDataset(data_cfg.path, verify=False)
+    missing = [store_name(m, tokens) for m in needed if open_store(data, store_name(m, tokens)) is None]
+    if not data_cfg.build_features:
         if missing:
-            raise DataError(f"{data.root}: no feature store for {missing} (run `cammsr extract --data {data.root}` "
-                            "or set data.build_features=true)")
+            flag = " --tokens" if tokens else ""
+            raise DataError(f"{data.root}: no feature store for {missing} (run `cammsr extract --data {data.root}"
+                            f"{flag}` or set data.build_features=true)")
         return
     rank, _, _ = read_env()
     if rank == 0:
         from data_shards.features.extract import ExtractOptions, extract_features
         with _alone():
-            extract_features(data.root, ExtractOptions(text_encoder=text_encoder, image_encoder=image_encoder,
-                                                       image_size=image_size, batch_size=batch_size, modalities=tuple(needed)))
+            extract_features(data.root, ExtractOptions(
+                text_encoder=data_cfg.text_encoder, image_encoder=data_cfg.image_encoder,
+                image_size=data_cfg.image_size, batch_size=data_cfg.extract_batch_size, modalities=tuple(needed),
+                tokens=tokens, text_token_limit=data_cfg.text_token_limit, image_token_grid=data_cfg.image_token_grid))
         return
     deadline = time.time() + wait_s
-    while any(open_store(data, m) is None for m in missing):
+    while any(open_store(data, name) is None for name in missing):
         if time.time() > deadline:
             raise DataError(f"{data.root}: waited {wait_s:.0f}s for rank 0 to build the {missing} feature stores "
                             "(not on a shared file system? run `cammsr extract` on every node first)")
@@ -91,25 +97,27 @@ def ensure_feature_stores(root: Path, modalities: tuple[str, ...], build: bool, 
 
 
 def load_item_inputs(data: PreparedDataset, modalities: tuple[str, ...], need_categories: bool,
-                     device: torch.device) -> ItemInputs:
+                     device: torch.device, categories: CategoriesConfig | None = None,
+                     tokens: bool = False) -> ItemInputs:
+    """The frozen feature tables of `modalities` (`tokens`: the token / patch states) and, when the model reads
+    them, the category labels that `categories` (default: the dataset's own) chooses."""
     tables = {}
     for modality in ("text", "image"):
         if modality in modalities:
-            store = open_store(data, modality)
+            store = open_store(data, store_name(modality, tokens))
             if store is None:
-                raise DataError(f"{data.root}: the {modality} feature store is missing or incomplete")
-            tables[modality] = torch.from_numpy(np.asarray(store.features, dtype=np.float32)).to(device)
-    categories = has_category = None
-    levels = list(data.categories.get("levels", []))
+                raise DataError(f"{data.root}: the {store_name(modality, tokens)} feature store is missing or "
+                                "incomplete")
+            tables[modality] = np.asarray(store.features, dtype=np.float32)
+    labels = has_category = summary = None
+    levels, names = list(data.categories.get("levels", [])), list(data.categories.get("names", []))
     if need_categories:
-        num_categories = len(data.categories.get("names", []))
-        if num_categories == 0:
-            raise DataError(f"{data.root}: the model uses category guidance but the dataset has no categories "
-                            "(set model.use_category_guidance=false)")
-        labels = np.zeros((data.num_items + 1, num_categories), dtype=np.float32)
-        for item in data.items():
-            if item.labels:
-                labels[item.item_id, item.labels] = 1.0
-        categories = torch.from_numpy(labels).to(device)
-        has_category = categories.sum(dim=1) > 0
-    return ItemInputs(tables.get("text"), tables.get("image"), categories, has_category, levels)
+        c = categories or CategoriesConfig()
+        pooled = [table[:, 0] if table.ndim == 3 else table for table in tables.values()]  # token stores: [CLS]
+        chosen = category_labels(data, c.source, c.virtual_count, c.noise, c.noise_type, c.label_seed, pooled)
+        labels, levels, names, summary = (torch.from_numpy(chosen.labels).to(device), chosen.levels, chosen.names,
+                                          chosen.summary)
+        has_category = labels.sum(dim=1) > 0
+    text, image = (None if tables.get(m) is None else torch.from_numpy(tables[m]).to(device)
+                   for m in ("text", "image"))
+    return ItemInputs(text, image, labels, has_category, levels, names, summary)

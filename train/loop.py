@@ -55,12 +55,11 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         model_cfg = cfg.model
-        uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}
+        uses = model_cfg.used_modalities
         computed = computed_modalities(cfg, uses)  # text/image computed in the run, not read from a store
         stored = tuple(m for m in ("text", "image") if m in uses and m not in computed)
         # before the process group: extraction may take longer than a collective timeout
-        ensure_feature_stores(Path(cfg.data.path), stored, cfg.data.build_features, cfg.data.text_encoder,
-                              cfg.data.image_encoder, cfg.data.image_size, cfg.data.extract_batch_size)
+        ensure_feature_stores(cfg.data, stored, model_cfg.reads_tokens)
         self.env = env = init_distributed(cfg.distributed.timeout_s, cfg.distributed.backend)
         self.checkpointer = Checkpointer(self.run_dir, env.rank, cfg.checkpoint.keep)
         if not resume and self.checkpointer.latest_tag() is not None:
@@ -71,8 +70,9 @@ class Trainer:
         data = PreparedDataset(cfg.data.path, verify=env.is_main)
         if env.world_size > 1:
             dist.barrier()
-        need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
-        self.items = load_item_inputs(data, stored, need_categories, env.device)
+        need_categories = model_cfg.reads_categories
+        self.items = load_item_inputs(data, stored, need_categories, env.device, cfg.categories,
+                                      model_cfg.reads_tokens)
         # loading an encoder draws from torch's generator: before the seeded model initialisation
         self.media = (MediaStream(data, computed, cfg.data, cfg.features, env.device, env.rank, env.world_size,
                                   cfg.train.seed + 2) if computed else None)
@@ -81,7 +81,9 @@ class Trainer:
         if need_categories and model_cfg.category_levels is None and len(set(self.items.category_levels)) > 1:
             model_cfg = dataclasses.replace(model_cfg, category_levels=self.items.category_levels)
             cfg.model = model_cfg
-        self.category_names = list(data.categories.get("names", []))
+        self.category_names = self.items.category_names
+        if self.items.category_summary:
+            _log(env, "categories: " + ", ".join(f"{k} {v}" for k, v in self.items.category_summary.items()))
         self.data_fp, self.config_fp = data_fingerprint(data), cfg.fingerprint()
         if env.is_main:
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
@@ -190,6 +192,7 @@ class Trainer:
             "selection_metric": f"valid {self.cfg.eval.metric}", "epochs_run": s["epoch"],
             "stopped_early": s["stopped_early"], "history": s["history"], "world_size": self.env.world_size,
             "config_fingerprint": self.config_fp, "data_fingerprint": self.data_fp,
+            **({"categories": self.items.category_summary} if self.items.category_summary else {}),
             **({"media": media} if media else {})})
 
     # ------------------------------------------------------------------ training
@@ -277,7 +280,7 @@ class Trainer:
             start = time.perf_counter()
             window = self._new_window()
             signals: dict = {}
-            epoch_loss, epoch_n = torch.zeros(4), 0
+            epoch_loss, epoch_n = torch.zeros(5), 0
             bar = progress_bar(self.plan.steps_per_epoch, f"epoch {epoch}", "step", self._shows_progress,
                                initial=s["step_in_epoch"])
             for (step, batch), media in self.epoch_steps(epoch):
@@ -285,7 +288,7 @@ class Trainer:
                 window["targets"] += batch.num_targets
                 window["tokens"] += int(batch.seq_len[batch.real].sum())
                 terms, output, batch = self.train_step(batch, media)
-                values = torch.stack([terms.total, terms.recommendation, terms.mscl, terms.category]).detach()
+                values = terms.logged()
                 window["loss"] = window["loss"] + values.float()  # stays on the device until logged
                 window["n"] += 1
                 self._signals(output, batch, signals)
@@ -302,8 +305,8 @@ class Trainer:
             bar.close()
             elapsed = time.perf_counter() - start
             losses = epoch_loss / max(epoch_n, 1)
-            _log(env, f"epoch {epoch}: loss {losses[0]:.4f} (rec {losses[1]:.4f}, mscl {losses[2]:.4f}) "
-                      f"in {elapsed:.1f}s")
+            _log(env, f"epoch {epoch}: loss {losses[0]:.4f} (rec {losses[1]:.4f}, mscl {losses[2]:.4f}, "
+                      f"aux {losses[4]:.4f}) in {elapsed:.1f}s")
             self._log_signals(signals)
             s["epoch"], s["step_in_epoch"] = epoch + 1, 0
             last = s["epoch"] >= cfg.train.max_epochs
@@ -332,10 +335,10 @@ class Trainer:
         return prefetched(steps, prepare, self.cfg.features.prefetch)
 
     def _new_window(self) -> dict:
-        """What is summed between two log lines: samples, tokens, targets, the 4 loss terms (on the device), steps, and
+        """What is summed between two log lines: samples, tokens, targets, the 5 loss terms (on the device), steps, and
         (stream mode) the media totals at its start."""
         return {"t": time.perf_counter(), "samples": 0, "tokens": 0, "targets": 0,
-                "loss": torch.zeros(4, device=self.env.device),
+                "loss": torch.zeros(5, device=self.env.device),
                 "n": 0, "media": None if self.media is None else dict(self.media.totals)}
 
     def _log_window(self, window: dict) -> dict[str, str]:
@@ -354,7 +357,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
         self.monitor.scalars({
             "train/loss/total": float(loss[0]), "train/loss/recommendation": float(loss[1]),
-            "train/loss/mscl": float(loss[2]), "train/loss/category": float(loss[3]), "train/lr": lr,
+            "train/loss/mscl": float(loss[2]), "train/loss/category": float(loss[3]),
+            "train/loss/auxiliary": float(loss[4]), "train/lr": lr,
             "perf/samples_per_s": float(packed[0]) / seconds, "perf/tokens_per_s": float(packed[1]) / seconds,
             "perf/targets_per_s": float(packed[2]) / seconds, "perf/step_time_s": seconds / max(window["n"], 1)}, step)
         self.monitor.memory(step)

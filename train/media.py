@@ -21,7 +21,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -293,8 +293,7 @@ class MediaStream:
                 tables[modality] = self._gather(torch.cat(rows) if rows else empty)
             else:
                 tables[modality] = getattr(items, modality)
-        return ItemInputs(tables["text"], tables["image"], items.categories, items.has_category,
-                          items.category_levels)
+        return replace(items, text=tables["text"], image=tables["image"])
 
     def _gather(self, part: torch.Tensor) -> torch.Tensor:
         """[N + 1, F]: row 0 zero, then every rank's contiguous part in rank order."""

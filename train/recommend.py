@@ -214,13 +214,14 @@ class RunRecommender:
         model_cfg = cfg.model
         self.extra_items = getattr(cfg.data, "extra_items", 0)  # ID rows past the dataset's items (scale runs)
         self.num_rows = data.num_items + self.extra_items + 1
-        uses = set(model_cfg.modalities) if model_cfg.name == "cammsr" else {"id"}  # as the Trainer
-        need_categories = model_cfg.name == "cammsr" and model_cfg.use_category_guidance
+        uses = model_cfg.used_modalities  # as the Trainer
+        need_categories = model_cfg.reads_categories
         self.dtype = dtype = compute_dtype(cfg.train)
         id_rows, self.device = _table_rows(cfg, self.num_rows, self.folder / "sparse")
         computed = computed_modalities(cfg, uses)
         stored = tuple(m for m in ("text", "image") if m in uses and m not in computed)
-        items = load_item_inputs(data, stored, need_categories, self.device)
+        items = load_item_inputs(data, stored, need_categories, self.device, cfg.categories,
+                                 model_cfg.reads_tokens)
         media = (MediaStream(data, computed, cfg.data, cfg.features, self.device, 0, 1, cfg.train.seed + 2)
                  if computed else None)
         dims = [media.dim(m) if media is not None and m in media.paths else getattr(items, f"{m}_dim")
@@ -277,28 +278,36 @@ class RunRecommender:
         return self.folder.name
 
     @torch.no_grad()
-    def user_output(self, history: list[int]):
+    def user_output(self, history: list[int], times: list[float] | None = None):
         """The model's output at the last position after `history` (internal ids, oldest first; the last
-        max_seq_len are read). The sequence is as wide as the history, as in an evaluation batch of one user."""
+        max_seq_len are read) with its interaction `times` (Unix seconds, one per item; time-aware models need
+        them). The sequence is as wide as the history, as in an evaluation batch of one user."""
         from train.data import Batch
         from train.evaluate import last_position
         from train.step import model_inputs
         if not history:
             raise DataError("the history is empty: give at least one item")
+        if times is not None and len(times) != len(history):
+            raise DataError(f"{len(times)} times for a history of {len(history)} items: give one time per item")
+        if times is None and self.cfg.model.needs_times:
+            raise DataError(f"model {self.cfg.model.name} reads the interaction times: give one Unix time per "
+                            "history item (--times)")
         recent = history[-self.max_len:]
         seq = torch.tensor([recent], dtype=torch.long)
+        time_seq = None if times is None else torch.tensor([times[-self.max_len:]], dtype=torch.float64)
         batch = Batch(seq, torch.tensor([len(recent)]), torch.zeros(1, dtype=torch.long),
-                      torch.ones(1, dtype=torch.bool)).to(self.device)
+                      torch.ones(1, dtype=torch.bool), time_seq=time_seq).to(self.device)
         seq_emb = self.id_rows[batch.item_seq] * (batch.item_seq != 0)[..., None]  # the table's lookup
         with self.as_trained():
             output = self.model(*model_inputs(batch, seq_emb, self.items, self.dtype))
         return last_position(output, batch.seq_len)
 
     @torch.no_grad()
-    def top_k(self, history: list[int], k: int, exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
+    def top_k(self, history: list[int], k: int, exclude: set[int] = frozenset(),
+              times: list[float] | None = None) -> list[tuple[int, float]]:
         """Best k (item id, score) after `history` (see user_output), never an id in `exclude`."""
         wanted = min(self.num_rows - 1, k + len(exclude))
-        scores, ids = self.model.recommend(self.user_output(history), self.candidates, wanted)
+        scores, ids = self.model.recommend(self.user_output(history, times), self.candidates, wanted)
         ranked = [(int(i), float(s)) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if int(i) not in exclude]
         return ranked[:k]
 

@@ -17,13 +17,13 @@ from cammsr.scoring import full_softmax_cross_entropy, sampled_recommendation_lo
 
 def model_inputs(batch, seq_emb: torch.Tensor, items, dtype: torch.dtype) -> tuple:
     """Positional arguments of model.forward for a batch (features gathered by item id: `items` is the catalogue's
-    ItemInputs or a stream-mode step's StepFeatures)."""
+    ItemInputs or a stream-mode step's StepFeatures; the batch's timestamps last, float64)."""
     seq = batch.item_seq
     text, image = (None if rows is None else rows.to(dtype) for rows in (items.rows("text", seq),
                                                                          items.rows("image", seq)))
     cats = None if items.categories is None else items.categories[seq]
     has = None if items.has_category is None else items.has_category[seq] & batch.real[:, None]
-    return seq, batch.seq_len, seq_emb.to(dtype), text, image, cats, has
+    return seq, batch.seq_len, seq_emb.to(dtype), text, image, cats, has, batch.time_seq
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -108,5 +108,17 @@ def training_loss(model, output, candidates: torch.Tensor | None, batch, mscl_ne
     category = zero if output.category_loss is None else output.category_loss
     if cfg.aux_category_loss_weight:
         total = total + cfg.aux_category_loss_weight * category * share
+    auxiliary = zero
+    batch_terms = output.all_batch_terms(batch.targets, candidates, sampled)
+    if batch_terms:
+        # like MSCL's global negatives: every rank computes the same global-batch value, the gathers' backward
+        # sums the copies and the engines' averaging divides by world: the single-process gradient
+        real = gather_rows(batch.real[:, None].float()).squeeze(1) > 0
+        for term in batch_terms:
+            gathered = tuple(gather_rows(tensor, cfg.max_seq_len if along_sequence else None)
+                             for tensor, along_sequence in zip(term.tensors, term.along_sequence()))
+            weighted = term.weight * term.fn(gathered, real)
+            auxiliary = auxiliary + weighted
+        total = total + auxiliary
     # each term is this rank's share: their mean over ranks is the global-batch value (what is logged)
-    return LossTerms(total, recommendation * share, mscl, category * share)
+    return LossTerms(total, recommendation * share, mscl, category * share, auxiliary)

@@ -28,6 +28,11 @@ def fingerprint(data: PreparedDataset, encoder_identity: str, preprocessing: dic
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def store_name(modality: str, tokens: bool) -> str:
+    """The store of a modality's pooled vectors ("text") or of its token / patch states ("text_tokens")."""
+    return f"{modality}_tokens" if tokens else modality
+
+
 def store_dir(data: PreparedDataset, modality: str) -> Path:
     return data.root / "features" / modality
 
@@ -35,13 +40,13 @@ def store_dir(data: PreparedDataset, modality: str) -> Path:
 @dataclass
 class FeatureStore:
     path: Path
-    features: np.ndarray  # [num_items + 1, dim] float16, memory-mapped
+    features: np.ndarray  # [num_items + 1, dim] (token stores: [num_items + 1, tokens, dim]) float16, memory-mapped
     mask: np.ndarray  # [num_items + 1] bool: True where the item has a usable input
     meta: dict
 
     @property
     def dim(self) -> int:
-        return self.features.shape[1]
+        return self.features.shape[-1]
 
 
 def open_store(data: PreparedDataset, modality: str, expected_fingerprint: str | None = None) -> FeatureStore | None:
@@ -62,13 +67,14 @@ def open_store(data: PreparedDataset, modality: str, expected_fingerprint: str |
 
 def write_store(data: PreparedDataset, modality: str, item_ids: np.ndarray, vectors: np.ndarray,
                 meta: dict) -> FeatureStore:
-    """Rows ``item_ids`` get ``vectors``; every other row is zero and masked out."""
+    """Rows ``item_ids`` get ``vectors`` ([n, dim], or [n, tokens, dim] with zero vectors at padding tokens);
+    every other row is zero and masked out."""
     final = store_dir(data, modality)
     staging = final.parent / f".{modality}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     features = np.lib.format.open_memmap(staging / FEATURES_FILE, mode="w+", dtype=np.float16,
-                                         shape=(data.num_items + 1, vectors.shape[1]))
+                                         shape=(data.num_items + 1, *vectors.shape[1:]))
     features[:] = 0
     features[item_ids] = vectors.astype(np.float16)
     features.flush()
@@ -76,7 +82,7 @@ def write_store(data: PreparedDataset, modality: str, item_ids: np.ndarray, vect
     mask = np.zeros(data.num_items + 1, dtype=bool)
     mask[item_ids] = True
     np.save(staging / MASK_FILE, mask)
-    (staging / META_FILE).write_text(json.dumps({**meta, "format": STORE_FORMAT, "dim": int(vectors.shape[1]),
+    (staging / META_FILE).write_text(json.dumps({**meta, "format": STORE_FORMAT, "dim": int(vectors.shape[-1]),
                                                  "num_valid": int(mask.sum())}, indent=1, sort_keys=True))
     retired = final.parent / f".{modality}.stale-{os.getpid()}"
     if final.exists():
