@@ -123,6 +123,12 @@ def _add_extract(commands) -> None:
                         help="DALI pipeline (auto when installed) or the webdataset + PIL fallback")
     parser.add_argument("--modalities", type=_comma_list, default=["text", "image"], help="which stores to build")
     parser.add_argument("--force", action="store_true", help="rebuild even when a matching store exists")
+    parser.add_argument("--tokens", action="store_true",
+                        help="store each item's token / patch states instead of one pooled vector (stores "
+                             "text_tokens, image_tokens: what model.name=tame reads)")
+    parser.add_argument("--text-token-limit", type=int, default=64, help="--tokens: tokens per text, [CLS] included")
+    parser.add_argument("--image-token-grid", type=int, default=4,
+                        help="--tokens: the patch grid is average-pooled to this side (0: every patch)")
     parser.add_argument("--encoder-cache", type=Path,
                         help="where converted encoders are cached (default $CAMMSR_ENCODER_CACHE or "
                              "~/.cache/cammsr/encoders)")
@@ -135,7 +141,8 @@ def _run_extract(args) -> None:
         text_encoder=args.text_encoder, image_encoder=args.image_encoder, image_size=args.image_size,
         batch_size=args.batch_size,
         image_reader=args.image_reader, force=args.force, modalities=tuple(args.modalities),
-        encoder_cache=args.encoder_cache))
+        encoder_cache=args.encoder_cache, tokens=args.tokens, text_token_limit=args.text_token_limit,
+        image_token_grid=args.image_token_grid))
 
 
 def _add_quickstart(commands) -> None:

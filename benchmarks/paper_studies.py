@@ -1,0 +1,125 @@
+"""The CAMMSR paper's analyses as one command each: the category-noise study (Table V), the category settings
+(Table VII: multi-label, one path, virtual categories, none) and the MSCL modality pairs (Table IV).
+
+    python -m benchmarks.paper_studies noise --data data/beauty --config configs/beauty.yaml \\
+        --run-dir runs/noise_beauty [--levels 0.1,0.2,0.3] [--record ID] [key=value ...]
+    python -m benchmarks.paper_studies categories --data DATA --config CONFIG --run-dir DIR
+    python -m benchmarks.paper_studies pairs --data DATA --config CONFIG --run-dir DIR
+
+Every setting trains CAMMSR with the same config (as the paper keeps its main experiment's hyper-parameters) and
+differs only in what the study varies; each run stops early on validation and reports test at its best validation
+epoch. A finished run is reused and an interrupted one resumed, so the command continues where it stopped. The
+paper's own rows (Beauty, where it reports them) are printed beside ours as recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+from benchmarks.machine import describe_machine
+from benchmarks.training_runs import train_or_resume
+
+# Table V, Beauty columns (NDCG@10, MRR@10), as printed in the paper.
+PAPER_NOISE_BEAUTY = {"CAMMSR": (0.0517, 0.0404), "removal 10%": (0.0505, 0.0391), "removal 20%": (0.0499, 0.0384),
+                      "removal 30%": (0.0492, 0.0377), "misleading 10%": (0.0500, 0.0386),
+                      "misleading 20%": (0.0480, 0.0368), "misleading 30%": (0.0470, 0.0357),
+                      "w/o CG": (0.0476, 0.0362)}
+
+
+def noise_settings(levels: list[float]) -> dict[str, list[str]]:
+    settings = {"CAMMSR": []}
+    for kind in ("removal", "misleading"):
+        for level in levels:
+            settings[f"{kind} {round(level * 100)}%"] = [f"categories.noise={level}", f"categories.noise_type={kind}"]
+    settings["w/o CG"] = ["model.use_category_guidance=false"]
+    return settings
+
+
+def category_settings(virtual_counts: list[int]) -> dict[str, list[str]]:
+    settings = {"multi-label (every label)": [], "one path per item": ["categories.source=first_path"]}
+    for count in virtual_counts:
+        settings[f"virtual categories ({count})"] = ["categories.source=virtual",
+                                                     f"categories.virtual_count={count}"]
+    settings["w/o CG"] = ["model.use_category_guidance=false"]
+    return settings
+
+
+def pair_settings(modalities: list[str]) -> dict[str, list[str]]:
+    """Every non-empty subset of the MSCL pairs of the enabled modalities (Table IV)."""
+    pairs = list(itertools.combinations(modalities, 2))
+    settings = {}
+    for size in range(1, len(pairs) + 1):
+        for subset in itertools.combinations(pairs, size):
+            name = " + ".join(f"{a}-{b}" for a, b in subset)
+            settings[name] = ["model.mscl_pairs=[" + ",".join(f"[{a},{b}]" for a, b in subset) + "]"]
+    settings["w/o MSCL"] = ["model.mscl_pairs=[]"]
+    return settings
+
+
+def _modalities(config: str | None, overrides: list[str]) -> list[str]:
+    from train.config import load_config
+    return list(load_config(config, overrides).model.modalities)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_studies", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=("noise", "categories", "pairs"))
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--levels", default="0.1,0.2,0.3", help="noise: fractions of labelled items corrupted")
+    parser.add_argument("--virtual", default="10,20", help="categories: numbers of virtual categories")
+    parser.add_argument("--record", help="write benchmarks/results/<ID>.json (the study's table in its details)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    if args.study == "noise":
+        settings = noise_settings([float(v) for v in args.levels.split(",")])
+    elif args.study == "categories":
+        settings = category_settings([int(v) for v in args.virtual.split(",")])
+    else:
+        settings = pair_settings(_modalities(args.config, args.overrides))
+    results = {}
+    for name, extra in settings.items():
+        folder = args.run_dir / name.replace(" ", "_").replace("/", "").replace("%", "pct").replace("+", "")
+        results[name] = train_or_resume(args.data, args.config, folder, [*args.overrides, *extra])
+    table = study_table(results, PAPER_NOISE_BEAUTY if args.study == "noise" else {})
+    print(f"\n{args.study} study, {args.data}; {describe_machine()}\n")
+    print(table)
+    if args.record:
+        _record(args, results)
+    return 0
+
+
+def study_table(results: dict[str, dict], paper: dict[str, tuple]) -> str:
+    """Markdown: test NDCG@10 / MRR@10 at the best validation epoch, the validation value, the change from the
+    first setting (the reference), epochs, and the paper's Beauty row where it has one."""
+    reference = next(iter(results.values()))["test"]["ndcg@10"]
+    lines = ["| setting | test NDCG@10 | test MRR@10 | change | valid NDCG@10 | best epoch / run | paper Beauty "
+             "NDCG@10 / MRR@10 |", "|---|---|---|---|---|---|---|"]
+    for name, metrics in results.items():
+        test, valid = metrics["test"], metrics["valid"]
+        change = (test["ndcg@10"] - reference) / reference * 100
+        recorded = paper.get(name)
+        paper_cell = f"{recorded[0]:.4f} / {recorded[1]:.4f}" if recorded else "-"
+        lines.append(f"| {name} | {test['ndcg@10']:.4f} | {test['mrr@10']:.4f} | {change:+.1f}% | "
+                     f"{valid['ndcg@10']:.4f} | {metrics['best_epoch']} / {metrics['epochs_run']} | {paper_cell} |")
+    return "\n".join(lines)
+
+
+def _record(args, results: dict[str, dict]) -> None:
+    from benchmarks.results import write_record
+    first, last = next(iter(results)), list(results)[-1]
+    command = " ".join(["python -m benchmarks.paper_studies", args.study, f"--data {args.data}",
+                        *([f"--config {args.config}"] if args.config else []), f"--run-dir {args.run_dir}",
+                        f"--record {args.record}", *args.overrides])
+    write_record(args.record, area="Paper analyses",
+                 claim=f"CAMMSR {args.study} study, {Path(args.data).name}: {first} vs {last}, test",
+                 metric="test NDCG@10", ours=round(results[first]["test"]["ndcg@10"], 4),
+                 reference={"name": last, "value": round(results[last]["test"]["ndcg@10"], 4)},
+                 details={name: round(m["test"]["ndcg@10"], 4) for name, m in results.items()}, command=command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
