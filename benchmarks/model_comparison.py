@@ -35,11 +35,19 @@ PAPER_BEAUTY = {
 }
 
 
-def tune(model: str, args, study_dir: Path) -> Path:
+def base_config(args) -> Path:
+    """--config with the command's overrides, as one file every study and final run starts from."""
+    from train.config import load_config
+    path = args.run_dir / "base.yaml"
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(load_config(args.config, args.overrides).to_yaml())
+    return path
+
+
+def tune(model: str, args, base: Path, study_dir: Path) -> Path:
     """Run (or continue) the model's study; its best config file."""
-    command = [sys.executable, "-m", "launch.cli", "tune", "--data", args.data, "--space",
-               str(args.spaces / f"{model}.yaml"), "--study-dir", str(study_dir), "--trials", str(args.trials),
-               *(["--config", args.config] if args.config else []), *args.overrides]
+    command = [sys.executable, "-m", "launch.cli", "tune", "--data", args.data, "--config", str(base), "--space",
+               str(args.spaces / f"{model}.yaml"), "--study-dir", str(study_dir), "--trials", str(args.trials)]
     print("tuning: " + " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
         raise SystemExit(f"the {model} study failed (its output is above)")
@@ -67,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; known {list(MODELS)}")
+    base = base_config(args)
     finals = {}
     for model in models:
-        best = tune(model, args, args.run_dir / model / "study")
+        best = tune(model, args, base, args.run_dir / model / "study")
         finals[model] = (args.run_dir / model / "final",
-                         train_or_resume(args.data, str(best), args.run_dir / model / "final", args.overrides))
+                         train_or_resume(args.data, str(best), args.run_dir / model / "final", []))
     differences = {}
     if "cammsr" in finals:
         anchor = per_user_ndcg(finals["cammsr"][0], args.data, "test")

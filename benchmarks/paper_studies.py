@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--virtual", default="10,20", help="categories: numbers of virtual categories")
     parser.add_argument("--record", help="write benchmarks/results/<ID>.json (the study's table in its details)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # the study name, then options, then key=value overrides
     if args.study == "noise":
         settings = noise_settings([float(v) for v in args.levels.split(",")])
     elif args.study == "categories":

@@ -28,8 +28,10 @@ w/o retriever (tame_use_retriever=False, Table III "replaces the ID-aware modali
           ClsProjection, MLP([CLS]) -> N_q vectors + LayerNorm, so that Eq. 7-12 run unchanged on vectors of the
           retriever's scale.
 Eq. 7-8   GatedAggregation: g = Concat(E^) W_g + b_g, e^ = sum_j g_j E^_j.
-          ambiguity: Eq. 8 has no softmax while Eq. 12 has one: tame_aggregation_gate "linear" (default, as written)
-          or "softmax" over the N_q vectors (a convex mixture; with one query it is the identity).
+          ambiguity: Eq. 8 has no softmax while Eq. 12 has one: tame_aggregation_gate "linear" (as written) or
+          "softmax" (default) over the N_q vectors (a convex mixture; with one query it is the identity): the
+          literal gate scales a sum of LayerNorm outputs and starts training with saturated logits (measured in
+          ModelConfig's comment).
 Eq. 9     x^id = e^id + p_l (TAME.position).
 Eq. 10-12 IdEnrichment: g = Softmax(Concat(E^t, E^v) W + b) over N_q = N_q^t + N_q^v experts (modalities in
           cfg.modalities order), x^^id = sum_k g_k (w_k (.) x^id) = x^id (.) (g W_experts).

@@ -74,3 +74,39 @@ def test_accuracy_table_reads_a_real_run_in_the_chosen_metrics_with_its_curve(da
     unknown = subprocess.run([PY, "-m", "benchmarks.accuracy_table", "--metrics", "ndcg@11", f"x={run_dir}"],
                              cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "no test ndcg@11" in unknown.stderr
+
+
+def test_paper_study_settings_are_valid_configs():
+    """Every setting the paper_studies command trains is a config the trainer accepts (no run starts with a typo)."""
+    from benchmarks.paper_studies import category_settings, noise_settings, pair_settings
+    from train.config import load_config, validate
+    noise = noise_settings([0.1, 0.3])
+    assert list(noise) == ["CAMMSR", "removal 10%", "removal 30%", "misleading 10%", "misleading 30%", "w/o CG"]
+    pairs = pair_settings(["id", "text", "image"])
+    assert len(pairs) == 7 + 1 and "id-text + id-image + text-image" in pairs  # Table IV's subsets and w/o MSCL
+    for settings in (noise, category_settings([10, 20]), pairs):
+        for overrides in settings.values():
+            validate(load_config("configs/quickstart.yaml", overrides), world_size=1, cuda=False)
+    assert load_config(None, pairs["id-image"]).model.mscl_pairs == (("id", "image"),)
+
+
+def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
+    """The two resumable benchmark commands end to end on the tiny data: a second call reuses every finished run."""
+    study = [PY, "-m", "benchmarks.paper_studies", "pairs", "--data", str(data), "--run-dir", str(tmp_path / "pairs"),
+             *TINY, "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
+    first = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert re.search(r"^\| id-text \| 0\.\d{4} \|", first.stdout, re.M) and "| w/o MSCL |" in first.stdout
+    again = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert again.stdout.count("finished, reused") == 2 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
+    compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
+               "--trials", "1", "--models", "sasrec,cammsr", "--run-dir", str(tmp_path / "compare"), *TINY,
+               "max_epochs=1"]
+    proc = subprocess.run(compare, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = re.search(r"^\| SASRec \| (0\.\d{4}) \|.*\| ([+-]0\.\d{4}) \[", proc.stdout, re.M)
+    assert row, proc.stdout[-2000:]
+    sasrec = json.loads((tmp_path / "compare" / "sasrec" / "final" / "metrics.json").read_text())
+    assert float(row.group(1)) == round(sasrec["test"]["ndcg@10"], 4)
+    trials = json.loads((tmp_path / "compare" / "cammsr" / "study" / "trials.json").read_text())
+    assert len(trials) == 1
