@@ -9,7 +9,7 @@ same budget, then trained once with its chosen config and read on test at its be
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
 then `cammsr train --config STUDY/best.yaml` to its early stop. The table gives test metrics, the validation value
-they were chosen on, seconds per epoch, and each model's test NDCG@10 minus CAMMSR's per user (paired, with a
+they were chosen on, the median training epoch in seconds, and each model's test NDCG@10 minus CAMMSR's per user (paired, with a
 bootstrap 95% interval). Everything continues where it stopped: finished studies and runs are reused.
 """
 from __future__ import annotations
@@ -55,8 +55,9 @@ def tune(model: str, args, base: Path, study_dir: Path) -> Path:
 
 
 def seconds_per_epoch(metrics: dict) -> float:
-    epochs = [entry["epoch_seconds"] for entry in metrics["history"]]
-    return sum(epochs) / max(len(epochs), 1)
+    """The median training epoch of the run (robust to a few epochs slowed by another job)."""
+    epochs = sorted(entry["epoch_seconds"] for entry in metrics["history"])
+    return epochs[len(epochs) // 2] if epochs else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
