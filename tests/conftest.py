@@ -151,3 +151,13 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout: float = 
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def random_sequences(batch: int, length: int, lengths=None, num_items: int = 20):
+    """Left-aligned item sequences [batch, length] of ids 1..num_items, 0 after each row's length (given, or drawn),
+    and the lengths: the model tests' inputs."""
+    import torch
+    seq_len = torch.tensor(lengths) if lengths is not None else torch.randint(1, length + 1, (batch,))
+    item_seq = torch.randint(1, num_items + 1, (batch, length))
+    item_seq[torch.arange(length)[None, :] >= seq_len[:, None]] = 0
+    return item_seq, seq_len

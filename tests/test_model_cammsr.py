@@ -1,6 +1,7 @@
 """Whole-model behaviour: fusion, causality, padding, gradients, mixed precision, overfitting, SASRec, profiling."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from cammsr import (ABLATIONS, ModelConfig, SampledCandidates, build_model, flop
 from cammsr.camoe import AttentiveRouter
 from cammsr.layers import init_weights_
 from cammsr.mscl import info_nce
+from conftest import random_sequences as any_sequences
 from train.data import Batch
 from train.step import training_loss
 
@@ -44,11 +46,7 @@ class Catalogue:
         return model.item_candidates(self.id_table if id_table is None else id_table, self.text, self.image)
 
 
-def random_sequences(batch, length, lengths=None, num_items=NUM_ITEMS):
-    seq_len = torch.tensor(lengths) if lengths is not None else torch.randint(1, length + 1, (batch,))
-    item_seq = torch.randint(1, num_items + 1, (batch, length))
-    item_seq[torch.arange(length)[None, :] >= seq_len[:, None]] = 0
-    return item_seq, seq_len
+random_sequences = partial(any_sequences, num_items=NUM_ITEMS)
 
 
 def make(**overrides):

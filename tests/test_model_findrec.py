@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cammsr import ModelConfig, SampledCandidates, build_model, init_id_table_
 from cammsr.findrec import (CrossModalRouting, IICM, entropy_surrogate, kernel_width, rbf_similarity,
                             selective_scan, stein_score)
-from conftest import PY, ROOT, cpu_env, write_tiny_dataset
+from conftest import PY, ROOT, cpu_env, random_sequences, write_tiny_dataset
 from train.parity import compare
 
 NUM_ITEMS, TEXT_DIM, IMAGE_DIM = 30, 10, 8
@@ -49,10 +49,7 @@ def make(**overrides):
 
 
 def sequences(lengths, length=8):
-    seq_len = torch.tensor(lengths)
-    item_seq = torch.randint(1, NUM_ITEMS + 1, (len(lengths), length))
-    item_seq[torch.arange(length)[None, :] >= seq_len[:, None]] = 0
-    return item_seq, seq_len
+    return random_sequences(len(lengths), length, lengths, NUM_ITEMS)
 
 
 def next_item_targets(item_seq):

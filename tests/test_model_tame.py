@@ -2,6 +2,7 @@
 contrastive batch term, chunked candidates, the ablation switches, losses and gradients."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from cammsr import ModelConfig, SampledCandidates, build_model, init_id_table_
 from cammsr.tame import GatedAggregation, IdEnrichment, ModalityRetriever, TokenStandardizer
+from conftest import random_sequences as any_sequences
 from train.data import Batch
 from train.step import training_loss
 
@@ -52,11 +54,7 @@ class Catalogue:
         return model.item_candidates(self.id_table if id_table is None else id_table, self.text, self.image)
 
 
-def random_sequences(batch, length, lengths=None):
-    seq_len = torch.tensor(lengths) if lengths is not None else torch.randint(1, length + 1, (batch,))
-    item_seq = torch.randint(1, NUM_ITEMS + 1, (batch, length))
-    item_seq[torch.arange(length)[None, :] >= seq_len[:, None]] = 0
-    return item_seq, seq_len
+random_sequences = partial(any_sequences, num_items=NUM_ITEMS)
 
 
 def make(**overrides):
