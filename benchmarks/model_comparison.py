@@ -10,7 +10,8 @@ Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Op
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
 then `cammsr train --config STUDY/best.yaml` to its early stop. The table gives test metrics, the validation value
 they were chosen on, the median training epoch in seconds, and each model's test NDCG@10 minus CAMMSR's per user (paired, with a
-bootstrap 95% interval). Everything continues where it stopped: finished studies and runs are reused.
+bootstrap 95% interval). A model whose config the data cannot run (FindRec without images) is not trained; its row
+says why. Everything continues where it stopped: finished studies and runs are reused.
 """
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def base_config(args) -> Path:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(load_config(args.config, args.overrides).to_yaml())
     return path
+
+
+def refusal(model: str, base: Path) -> str | None:
+    """Why the model cannot run on the base config (its validation's message), or None."""
+    from train.config import ConfigError, load_config
+    try:
+        load_config(base, [f"model.name={model}"])
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def tune(model: str, args, base: Path, study_dir: Path) -> Path:
@@ -77,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; known {list(MODELS)}")
     base = base_config(args)
-    finals = {}
+    finals, refused = {}, {}
     for model in models:
+        refused[model] = refusal(model, base)
+        if refused[model]:
+            print(f"{NAMES[model]}: not run: {refused[model]}", flush=True)
+            continue
         best = tune(model, args, base, args.run_dir / model / "study")
         finals[model] = (args.run_dir / model / "final",
                          train_or_resume(args.data, str(best), args.run_dir / model / "final", []))
@@ -89,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             if model != "cammsr":
                 differences[model] = paired_difference(per_user_ndcg(run, args.data, "test"), anchor)
     print(f"\n{args.data}, {args.trials} tuning trials per model; {describe_machine()}\n")
-    print(comparison_table(finals, differences))
+    print(comparison_table(finals, differences, {m: why for m, why in refused.items() if why}))
     if args.record_prefix:
         _records(args, finals, differences)
     return 0
 
 
-def comparison_table(finals: dict, differences: dict) -> str:
+def comparison_table(finals: dict, differences: dict, refused: dict) -> str:
     lines = ["| model | test NDCG@10 | test NDCG@5 | test MRR@10 | valid NDCG@10 | minus CAMMSR (paired 95% interval) "
              "| s/epoch | best epoch / run | paper's Beauty NDCG@10 (its protocol) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -109,6 +124,8 @@ def comparison_table(finals: dict, differences: dict) -> str:
         lines.append(f"| {NAMES[model]} | {test['ndcg@10']:.4f} | {test['ndcg@5']:.4f} | {test['mrr@10']:.4f} | "
                      f"{metrics['valid']['ndcg@10']:.4f} | {versus} | {seconds_per_epoch(metrics):.1f} | "
                      f"{metrics['best_epoch']} / {metrics['epochs_run']} | {PAPER_BEAUTY[model]} |")
+    for model, why in refused.items():
+        lines.append(f"| {NAMES[model]} | not run: {why} | | | | | | | {PAPER_BEAUTY[model]} |")
     return "\n".join(lines)
 
 
@@ -118,12 +135,16 @@ def _records(args, finals: dict, differences: dict) -> None:
                         *([f"--config {args.config}"] if args.config else []), f"--spaces {args.spaces}",
                         f"--trials {args.trials}", f"--models {args.models}", f"--run-dir {args.run_dir}",
                         f"--record-prefix {args.record_prefix}", *args.overrides])
+    from data_shards.reader import PreparedDataset
     dataset = Path(args.data).name
+    is_beauty = PreparedDataset(args.data, verify=False).manifest.get("name") == "Beauty"
     for model, (_, metrics) in finals.items():
         details = {"valid NDCG@10": round(metrics["valid"]["ndcg@10"], 4),
                    "test MRR@10": round(metrics["test"]["mrr@10"], 4),
                    "seconds per epoch": round(seconds_per_epoch(metrics), 1),
                    "best epoch": metrics["best_epoch"], "tuning trials": args.trials}
+        if is_beauty:
+            details["the paper's own number (its protocol)"] = PAPER_BEAUTY[model]
         reference = None
         if model in differences:
             low, high = differences[model]["ci95"]

@@ -100,13 +100,15 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     again = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert again.stdout.count("finished, reused") == 2 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
     compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
-               "--trials", "1", "--models", "sasrec,cammsr", "--run-dir", str(tmp_path / "compare"), *TINY,
-               "max_epochs=1"]
+               "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"), *TINY,
+               "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
     proc = subprocess.run(compare, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = re.search(r"^\| SASRec \| (0\.\d{4}) \|.*\| ([+-]0\.\d{4}) \[", proc.stdout, re.M)
     assert row, proc.stdout[-2000:]
     sasrec = json.loads((tmp_path / "compare" / "sasrec" / "final" / "metrics.json").read_text())
     assert float(row.group(1)) == round(sasrec["test"]["ndcg@10"], 4)
+    assert re.search(r"^\| FindRec \| not run: .*FindRec reads all of", proc.stdout, re.M), proc.stdout[-2000:]
+    assert not (tmp_path / "compare" / "findrec").exists()
     trials = json.loads((tmp_path / "compare" / "cammsr" / "study" / "trials.json").read_text())
     assert len(trials) == 1
