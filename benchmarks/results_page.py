@@ -63,8 +63,18 @@ def area_table(records: list[dict]) -> list[str]:
         details = "".join(f"{_number(r['details'].get(key, ''))} | " for key in keys)
         lines.append(f"| {number} | {r['claim']}{_ranking_mark(r)} | {r['metric']} | **{_number(r['ours'])}** | "
                      f"{_reference(r)} | {details}{r['machine']}, {r['date']}, {r['commit']} |")
-    lines += ["", "Commands:"] + [f"{n}. `{r['command']}`" for n, r in enumerate(records, 1)]
+    rows_of_command: dict[str, list[int]] = {}
+    for number, r in enumerate(records, 1):
+        rows_of_command.setdefault(r["command"], []).append(number)
+    lines += ["", "Commands:"] + [f"{_rows(rows)}. `{command}`" for command, rows in rows_of_command.items()]
     return lines
+
+
+def _rows(rows: list[int]) -> str:
+    """1 | 1-5 (consecutive rows) | 1, 3."""
+    if len(rows) > 1 and rows == list(range(rows[0], rows[-1] + 1)):
+        return f"{rows[0]}-{rows[-1]}"
+    return ", ".join(map(str, rows))
 
 
 def read_notes(path: Path) -> dict[str, str]:

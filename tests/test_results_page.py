@@ -30,6 +30,11 @@ def test_a_written_record_appears_in_the_headline_table_and_its_section(tmp_path
     assert "| epoch | s/epoch | **2.00** | 8.00 (peer) | 4.00x less |" in headline and "ndcg" not in headline
     assert "| 1 | ndcg [1] | test NDCG@10 | **0.0525** | 0.0500 (paper) | " in page and "[1] measured before" in page
     assert "One line of context." in page and "1. `python -m x --y`" in page and "| steps |" in page
+    for number in (1, 2):
+        write_record(f"pair_{number}", area="Pair", claim=f"model {number}", metric="test NDCG@10", ours=0.1,
+                     command="python -m compare --both", results_dir=tmp_path)
+    page = render(read_records(tmp_path), {})
+    assert page.count("python -m compare --both") == 1 and "1-2. `python -m compare --both`" in page
 
 
 def test_a_record_without_a_field_is_named(tmp_path):
