@@ -9,13 +9,14 @@ same budget, then trained once with its chosen config and read on test at its be
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
 then `cammsr train --config STUDY/best.yaml` to its early stop. The table gives test metrics, the validation value
-they were chosen on, the median training epoch in seconds, and each model's test NDCG@10 minus CAMMSR's per user (paired, with a
-bootstrap 95% interval). A model whose config the data cannot run (FindRec without images) is not trained; its row
-says why. Everything continues where it stopped: finished studies and runs are reused.
+they were chosen on, the median training epoch in seconds, and each model's test NDCG@10 minus CAMMSR's per user
+(paired, with a bootstrap 95% interval). A model whose config the data cannot run (FindRec without images) is not
+trained; its row says why. Everything continues where it stopped: finished studies and runs are reused.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,8 @@ def tune(model: str, args, base: Path, study_dir: Path) -> Path:
 
 def seconds_per_epoch(metrics: dict) -> float:
     """The median training epoch of the run (robust to a few epochs slowed by another job)."""
-    epochs = sorted(entry["epoch_seconds"] for entry in metrics["history"])
-    return epochs[len(epochs) // 2] if epochs else 0.0
+    epochs = [entry["epoch_seconds"] for entry in metrics["history"]]
+    return statistics.median(epochs) if epochs else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     base = base_config(args)
     finals, refused = {}, {}
     for model in models:
-        refused[model] = refusal(model, base)
-        if refused[model]:
-            print(f"{NAMES[model]}: not run: {refused[model]}", flush=True)
+        why = refusal(model, base)
+        if why:
+            refused[model] = why
+            print(f"{NAMES[model]}: not run: {why}", flush=True)
             continue
         best = tune(model, args, base, args.run_dir / model / "study")
         finals[model] = (args.run_dir / model / "final",
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if model != "cammsr":
                 differences[model] = paired_difference(per_user_ndcg(run, args.data, "test"), anchor)
     print(f"\n{args.data}, {args.trials} tuning trials per model; {describe_machine()}\n")
-    print(comparison_table(finals, differences, {m: why for m, why in refused.items() if why}))
+    print(comparison_table(finals, differences, refused))
     if args.record_prefix:
         _records(args, finals, differences)
     return 0
@@ -131,11 +133,11 @@ def comparison_table(finals: dict, differences: dict, refused: dict) -> str:
 
 def _records(args, finals: dict, differences: dict) -> None:
     from benchmarks.results import write_record
+    from data_shards.reader import PreparedDataset
     command = " ".join(["python -m benchmarks.model_comparison", f"--data {args.data}",
                         *([f"--config {args.config}"] if args.config else []), f"--spaces {args.spaces}",
                         f"--trials {args.trials}", f"--models {args.models}", f"--run-dir {args.run_dir}",
                         f"--record-prefix {args.record_prefix}", *args.overrides])
-    from data_shards.reader import PreparedDataset
     dataset = Path(args.data).name
     is_beauty = PreparedDataset(args.data, verify=False).manifest.get("name") == "Beauty"
     for model, (_, metrics) in finals.items():
@@ -148,7 +150,8 @@ def _records(args, finals: dict, differences: dict) -> None:
         reference = None
         if model in differences:
             low, high = differences[model]["ci95"]
-            details["minus CAMMSR, paired 95% interval"] = f"{differences[model]['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+            mean = differences[model]["mean"]
+            details["minus CAMMSR, paired 95% interval"] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
             reference = {"name": "CAMMSR, same comparison", "value": round(finals["cammsr"][1]["test"]["ndcg@10"], 4)}
         write_record(f"{args.record_prefix}_{model}", area=f"Model comparison: {dataset}",
                      claim=f"{NAMES[model]} on {dataset}, tuned on validation, test", metric="test NDCG@10",
