@@ -27,6 +27,13 @@ def _number(value) -> str:
     return str(value)
 
 
+def _detail(key: str, value) -> str:
+    """A details cell: durations to a tenth of a second (0.8 s is not a metric of four decimals)."""
+    if "seconds" in key and isinstance(value, (int, float)):
+        return f"{value:,.1f}"
+    return _number(value)
+
+
 def _ratio(record: dict) -> str:
     reference = record["reference"]
     if not reference or not reference["value"]:
@@ -60,7 +67,7 @@ def area_table(records: list[dict]) -> list[str]:
     lines = ["| | claim | metric | ours | peer or paper | " + "".join(f"{key} | " for key in keys)
              + "machine, date, commit |", "|---|---|---|---|---|" + "---|" * len(keys) + "---|"]
     for number, r in enumerate(records, 1):
-        details = "".join(f"{_number(r['details'].get(key, ''))} | " for key in keys)
+        details = "".join(f"{_detail(key, r['details'].get(key, ''))} | " for key in keys)
         lines.append(f"| {number} | {r['claim']}{_ranking_mark(r)} | {r['metric']} | **{_number(r['ours'])}** | "
                      f"{_reference(r)} | {details}{r['machine']}, {r['date']}, {r['commit']} |")
     rows_of_command: dict[str, list[int]] = {}

@@ -20,7 +20,7 @@ def test_the_committed_page_is_what_the_committed_records_give():
 def test_a_written_record_appears_in_the_headline_table_and_its_section(tmp_path):
     write_record("speed", area="Speed", claim="epoch", metric="s/epoch", ours=2.0, command="python -m x --y",
                  reference={"name": "peer", "value": 8.0}, higher_is_better=False, headline=True,
-                 details={"steps": 129}, results_dir=tmp_path)
+                 details={"steps": 129, "seconds per epoch": 0.8}, results_dir=tmp_path)
     write_record("accuracy", area="Accuracy", claim="ndcg", metric="test NDCG@10", ours=0.0525,
                  reference={"name": "paper", "value": 0.05}, command="cammsr train z", results_dir=tmp_path,
                  ranking="strict count, before")
@@ -30,6 +30,7 @@ def test_a_written_record_appears_in_the_headline_table_and_its_section(tmp_path
     assert "| epoch | s/epoch | **2.00** | 8.00 (peer) | 4.00x less |" in headline and "ndcg" not in headline
     assert "| 1 | ndcg [1] | test NDCG@10 | **0.0525** | 0.0500 (paper) | " in page and "[1] measured before" in page
     assert "One line of context." in page and "1. `python -m x --y`" in page and "| steps |" in page
+    assert "| 129 | 0.8 |" in page  # a duration is not printed like a metric (0.8000)
     for number in (1, 2):
         write_record(f"pair_{number}", area="Pair", claim=f"model {number}", metric="test NDCG@10", ours=0.1,
                      command="python -m compare --both", results_dir=tmp_path)
