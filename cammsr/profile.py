@@ -1,4 +1,4 @@
-"""Model size and compute: parameter counts and FLOPs per sample (used by the benchmarks)."""
+"""Model size and compute: parameter counts and FLOPs per sample, for sizing a run (exported by cammsr)."""
 
 from __future__ import annotations
 
@@ -39,10 +39,12 @@ def _counter() -> FlopCounterMode:
 
 
 def flops_per_sample(model: SequentialRecommender, num_items: int, num_categories: int = 0, text_dim: int = 0,
-                     image_dim: int = 0, batch_size: int = 4, seq_len: int | None = None) -> dict[str, float]:
+                     image_dim: int = 0, batch_size: int = 4, seq_len: int | None = None,
+                     tokens_per_item: int = 32) -> dict[str, float]:
     """Matmul and attention FLOPs per sample (torch FlopCounterMode; elementwise ops are not counted).
 
-    Measured on full-length random sequences in training mode:
+    Measured on full-length random sequences in training mode, with interaction times for a model that reads them
+    and `tokens_per_item` token / patch states per item for one that reads those (TAME):
       forward: sequence encoding incl. MSCL views; scoring: the full-catalogue logits (2 * N * M * d);
       train_step: forward + full-softmax loss + backward; candidate_projection: projecting the whole
       catalogue's features once, per batch (divide by the batch size to amortise it).
@@ -50,8 +52,9 @@ def flops_per_sample(model: SequentialRecommender, num_items: int, num_categorie
     cfg: ModelConfig = model.cfg
     length = seq_len or cfg.max_seq_len
     device = next(model.parameters()).device
-    inputs = _random_inputs(cfg, batch_size, length, num_categories, text_dim, image_dim, device)
-    table = _random_table(cfg, num_items, text_dim, image_dim, device)
+    tokens = (tokens_per_item,) if cfg.reads_tokens else ()
+    inputs = _random_inputs(cfg, batch_size, length, num_categories, text_dim, image_dim, tokens, device)
+    table = _random_table(cfg, num_items, text_dim, image_dim, tokens, device)
     was_training = model.training
     model.train()
     try:
@@ -80,24 +83,27 @@ def flops_per_sample(model: SequentialRecommender, num_items: int, num_categorie
     }
 
 
-def _random_inputs(cfg, batch, length, num_categories, text_dim, image_dim, device) -> dict:
+def _random_inputs(cfg, batch, length, num_categories, text_dim, image_dim, tokens, device) -> dict:
     inputs = {"item_seq": torch.ones(batch, length, dtype=torch.long, device=device),
               "seq_len": torch.full((batch,), length, device=device),
               "id_emb": torch.randn(batch, length, cfg.hidden_size, device=device)}
     if text_dim:
-        inputs["text_feat"] = torch.randn(batch, length, text_dim, device=device)
+        inputs["text_feat"] = torch.randn(batch, length, *tokens, text_dim, device=device)
     if image_dim:
-        inputs["image_feat"] = torch.randn(batch, length, image_dim, device=device)
+        inputs["image_feat"] = torch.randn(batch, length, *tokens, image_dim, device=device)
     if num_categories:
         inputs["cat_labels"] = (torch.rand(batch, length, num_categories, device=device) < 0.1).float()
         inputs["has_cat"] = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if cfg.needs_times:
+        days = torch.arange(length, dtype=torch.float64, device=device) * 86400.0
+        inputs["time_seq"] = days.expand(batch, -1).contiguous()
     return inputs
 
 
-def _random_table(cfg, num_items, text_dim, image_dim, device) -> dict:
+def _random_table(cfg, num_items, text_dim, image_dim, tokens, device) -> dict:
     table = {"id_rows": torch.randn(num_items + 1, cfg.hidden_size, device=device)}
     if text_dim:
-        table["text_rows"] = torch.randn(num_items + 1, text_dim, device=device)
+        table["text_rows"] = torch.randn(num_items + 1, *tokens, text_dim, device=device)
     if image_dim:
-        table["image_rows"] = torch.randn(num_items + 1, image_dim, device=device)
+        table["image_rows"] = torch.randn(num_items + 1, *tokens, image_dim, device=device)
     return table

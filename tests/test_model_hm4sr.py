@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cammsr import flops_per_sample
 from cammsr.base import SampledCandidates
 from cammsr.config import ModelConfig
 from cammsr.factory import build_model
@@ -280,3 +281,10 @@ def test_a_trained_run_recommends_from_history_and_times_as_evaluation_ranks(tmp
     assert json.loads(capsys.readouterr().out)["recommendations"][0]["internal_id"] == int(scores[5].argmax()) + 1
     assert cli_main(args) == 2
     assert "reads the interaction times" in capsys.readouterr().err
+
+
+def test_flops_per_sample_reads_the_times_of_the_temporal_moe():
+    with_times = flops_per_sample(_model(), 8, CATEGORIES, TEXT_DIM, IMAGE_DIM, batch_size=2)
+    without = flops_per_sample(_model(hm4sr_temporal_moe=False), 8, CATEGORIES, TEXT_DIM, IMAGE_DIM, batch_size=2)
+    assert with_times["forward"] > without["forward"] > 0
+    assert with_times["train_step"] > 2 * with_times["forward"]

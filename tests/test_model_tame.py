@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cammsr import ModelConfig, SampledCandidates, build_model, init_id_table_
+from cammsr import ModelConfig, SampledCandidates, build_model, flops_per_sample, init_id_table_
 from cammsr.tame import GatedAggregation, IdEnrichment, ModalityRetriever, TokenStandardizer
 from conftest import random_sequences as any_sequences
 from train.data import Batch
@@ -440,3 +440,13 @@ def test_feature_width_attention_needs_heads_that_divide_the_features():
         build_model(cfg, 0, TEXT_DIM, IMAGE_DIM)
     with pytest.raises(ValueError, match="text_dim=0"):
         build_model(ModelConfig(**SMALL), 0, 0, IMAGE_DIM)
+
+
+def test_flops_per_sample_counts_the_catalogue_tokens_the_retriever_projects():
+    model, _ = make(**EXACT)
+    flops = {tokens: flops_per_sample(model, NUM_ITEMS, 0, TEXT_DIM, IMAGE_DIM, batch_size=2, tokens_per_item=tokens)
+             for tokens in (4, 8)}
+    width = SMALL["hidden_size"]  # tame_cross_attention_width "hidden": keys and values projected to d
+    key_value_of_4_tokens = 2 * (NUM_ITEMS + 1) * 4 * (TEXT_DIM + IMAGE_DIM) * 2 * width
+    assert flops[8]["candidate_projection"] - flops[4]["candidate_projection"] > key_value_of_4_tokens
+    assert flops[8]["forward"] > flops[4]["forward"] > 0
