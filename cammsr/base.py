@@ -85,8 +85,9 @@ def target_vectors_of(targets: torch.Tensor, candidates: torch.Tensor | None = N
 class ModelOutput:
     """user_vectors: Z^m per modality, [B, M, d] in prefix mode, [B, L, M, d] in all-positions mode.
     valid: [B, L] non-padding positions. score_offset: per-user constant of the literal Eq. 15 position
-    term ([B] or [B, L]) or None. modality_weights [B, L, M] and expert_weights [B, L, M, K] are for
-    monitoring (None for models without them). category_loss: scalar (None when off).
+    term ([B] or [B, L]) or None. modality_weights [B, L, M] and expert_weights [B, L, G, K] are for
+    monitoring (None for models without them); expert_groups names the G routed groups (None: G = the modalities,
+    in config order). category_loss: scalar (None when off).
     mscl_views: the (Z_aug^{m1}, Z_aug^{m2}) pairs of MSCL (empty when off), [B, d] at each row's last position or
     [B, L, d] at every position (`mscl_anchors`); the loss is computed from them, with this batch's negatives
     (`loss`) or the global batch's (the trainer). batch_terms, target_contrasts: the model's other auxiliary losses
@@ -98,6 +99,7 @@ class ModelOutput:
     score_offset: torch.Tensor | None = None
     modality_weights: torch.Tensor | None = None
     expert_weights: torch.Tensor | None = None
+    expert_groups: tuple[str, ...] | None = None
     category_loss: torch.Tensor | None = None
     mscl_views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     batch_terms: list[BatchTerm] = field(default_factory=list)
@@ -119,7 +121,7 @@ class ModelOutput:
         return None if self.score_offset is None else self.score_offset.reshape(-1)
 
     def expert_usage(self) -> torch.Tensor | None:
-        """Mean routing weight of each expert over valid positions, [M, K]."""
+        """Mean routing weight of each expert over valid positions, [G, K]."""
         if self.expert_weights is None:
             return None
         mask = self.valid[..., None, None].to(self.expert_weights.dtype)

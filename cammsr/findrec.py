@@ -56,7 +56,8 @@ Ambiguities (reading chosen, why):
   "single_key" is the literal one-key reading.
 - Routers and experts: one router per head (d_h -> N_e, softmax), one pool of N_e experts (d_h -> multiplier * d_h
   -> d_h, GELU, findrec_expert_multiplier) shared by the heads, evaluated densely ("multi-head subspace
-  decomposition").
+  decomposition"). The heads' gates are the output's expert_weights (groups head0..), logged by the trainer as
+  cammsr/expert_usage/head<h>/expert<k>.
 - "Modality-specific encoders" (Fig. 1 only): "mamba", each content branch has its own Mamba stack like the ID
   branch, so z_txt,last / z_img,last are sequence representations read at the last position as z_ID is; "mlp", a
   per-item FFN.
@@ -331,14 +332,15 @@ class FindRec(SequentialRecommender):
         z_id = self.id_encoder(x[:, :, self._modality_index["id"]])
         z_txt = self.text_encoder(x[:, :, self._modality_index["text"]])
         z_img = self.image_encoder(x[:, :, self._modality_index["image"]])
-        o_exp, _ = self.cross_modal(z_img, z_txt, valid)
+        o_exp, gates = self.cross_modal(z_img, z_txt, valid)
         z_final = torch.cat([z_id, o_exp], dim=-1)  # Eq. 3
         if self.cfg.sequence_mode == "prefix":
             z_final = gather_positions(z_final, seq_len - 1)
         user = self.fusion(z_final).unflatten(-1, (self.scored_modalities, -1))  # Eq. 4
         terms = [self._iicm_term(z_img, z_txt, valid, seq_len)] if self.training and self.cfg.findrec_iicm_weight \
             else []
-        return ModelOutput(user_vectors=user, valid=valid, batch_terms=terms)
+        return ModelOutput(user_vectors=user, valid=valid, batch_terms=terms, expert_weights=gates,
+                           expert_groups=tuple(f"head{h}" for h in range(gates.shape[2])))
 
     def _iicm_term(self, z_img, z_txt, valid, seq_len) -> BatchTerm:
         weight = self.cfg.findrec_iicm_weight

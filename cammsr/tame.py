@@ -38,6 +38,8 @@ Eq. 10-12 IdEnrichment: g = Softmax(Concat(E^t, E^v) W + b) over N_q = N_q^t + N
           ambiguity: the experts' initialisation is not given: init_method like every weight (all ones would make the
           experts equal, and equal experts give the gate no gradient).
           tame_use_id_enrichment=False ("w/o ID enrichment"): x^^id = x^id.
+          g is the output's expert_weights (group "id_enrichment"; experts 0..N_q^t-1 are the text queries' vectors),
+          which the trainer logs as cammsr/expert_usage/id_enrichment/expert<k>.
 IV-C      x^^t = e^t + p_l, x^^v = e^v + p_l.
           ambiguity: one position table per modality or one for all: one for all (the paper writes the same p_l).
 Eq. 13    TAME.encoders: one SequenceEncoder per modality, causal and padding-masked; r^m at the last valid position
@@ -197,9 +199,13 @@ class IdEnrichment(nn.Module):
     def reset_parameters_with(self, init) -> None:
         init(self.experts)
 
-    def forward(self, x: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
-        """x [..., d], retrieved [..., N_q, d] -> [..., d]."""
-        weights = self.gate(retrieved.flatten(-2)).softmax(dim=-1)
+    def routing(self, retrieved: torch.Tensor) -> torch.Tensor:
+        """Eq. 12's g: retrieved [..., N_q, d] -> [..., N_q]."""
+        return self.gate(retrieved.flatten(-2)).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, retrieved: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., d], retrieved [..., N_q, d] (weights: their routing, when already computed) -> [..., d]."""
+        weights = self.routing(retrieved) if weights is None else weights
         return x * (weights @ self.experts)
 
 
@@ -259,14 +265,17 @@ class TAME(SequentialRecommender):
             retrieved[modality] = vectors * has_tokens[:, None, None].to(vectors.dtype)
         return retrieved
 
-    def _enrich(self, id_rows: torch.Tensor, retrieved: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Eq. 10-12 on [n, d] rows (or the rows themselves without ID enrichment)."""
+    def _enrich(self, id_rows: torch.Tensor, retrieved: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 10-12 on [n, d] rows and the routing weights [n, N_q] (the rows and None without ID enrichment)."""
         if self.enrichment is None:
-            return id_rows
-        return self.enrichment(id_rows, torch.cat([retrieved[m] for m in self.content], dim=-2))
+            return id_rows, None
+        vectors = torch.cat([retrieved[m] for m in self.content], dim=-2)
+        weights = self.enrichment.routing(vectors)
+        return self.enrichment(id_rows, vectors, weights), weights
 
     def _id_candidates(self, id_rows: torch.Tensor, retrieved: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._enrich(id_rows, retrieved) if self.cfg.tame_candidate_id == "enriched" else id_rows
+        return self._enrich(id_rows, retrieved)[0] if self.cfg.tame_candidate_id == "enriched" else id_rows
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """Eq. 14's item side, [N + 1, M, d]: (ID candidate, e^t, e^v), tame_item_chunk_size items per pass."""
@@ -292,7 +301,8 @@ class TAME(SequentialRecommender):
         retrieved = self.retrieve(ids, {"text": None if text_feat is None else text_feat[valid],
                                         "image": None if image_feat is None else image_feat[valid]})
         positions = self.position.weight[: item_seq.shape[1]].expand(item_seq.shape[0], -1, -1)[valid]
-        items = torch.stack([self._enrich(ids + positions, retrieved) if m == "id"               # Eq. 9-12
+        enriched, routing = self._enrich(ids + positions, retrieved)                             # Eq. 9-12
+        items = torch.stack([enriched if m == "id"
                              else self.aggregations[m](retrieved[m]) + positions                 # Eq. 7-8, IV-C
                              for m in self.cfg.modalities], dim=-2)
         sequences = items.new_zeros(*item_seq.shape, *items.shape[1:])
@@ -307,4 +317,9 @@ class TAME(SequentialRecommender):
         contrasts = []
         if self.training and self.cfg.tame_cl_weight > 0:
             contrasts.append(TargetContrast("cl", self._id_index, self.cfg.tame_cl_weight, self.cfg.tame_cl_temperature))
-        return ModelOutput(user_vectors=user, valid=valid, target_contrasts=contrasts)
+        expert_weights = None
+        if routing is not None:  # for monitoring: Eq. 12's weights at each valid position, zero at padding
+            expert_weights = routing.new_zeros(*item_seq.shape, 1, routing.shape[-1])
+            expert_weights[valid] = routing[:, None]
+        return ModelOutput(user_vectors=user, valid=valid, target_contrasts=contrasts, expert_weights=expert_weights,
+                           expert_groups=("id_enrichment",))

@@ -165,6 +165,18 @@ def test_cross_attention_with_expert_routing_by_hand():
     torch.testing.assert_close(single, expected_single)
 
 
+def test_the_heads_routing_weights_are_the_outputs_expert_weights():
+    model, catalogue = make(**NO_DROPOUT)
+    item_seq, seq_len = sequences([8, 3])
+    output = model(**catalogue.inputs(item_seq, seq_len))
+    assert output.expert_groups == ("head0", "head1", "head2", "head3")
+    assert output.expert_weights.shape == (2, 8, 4, 3)
+    torch.testing.assert_close(output.expert_weights.sum(-1), torch.ones(2, 8, 4))
+    usage = output.expert_usage()  # the mean over the 11 valid positions only
+    valid = output.expert_weights[item_seq != 0]
+    torch.testing.assert_close(usage, valid.mean(0))
+
+
 # ---------------------------------------------------------------- causality and padding
 
 @pytest.mark.parametrize("encoder", ["mamba", "mlp"])

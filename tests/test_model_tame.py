@@ -201,6 +201,23 @@ def test_without_id_enrichment_the_id_encoder_reads_e_id_plus_position():
     torch.testing.assert_close(seen[0], expected)
 
 
+def test_the_id_enrichment_routing_is_the_outputs_expert_weights():
+    model, catalogue = make(**EXACT)
+    item_seq, seq_len = random_sequences(3, 8, [8, 5, 2])
+    inputs = catalogue.inputs(item_seq, seq_len)
+    output = model(**inputs)
+    valid = item_seq != 0
+    retrieved = model.retrieve(inputs["id_emb"][valid], {"text": inputs["text_feat"][valid],
+                                                         "image": inputs["image_feat"][valid]})
+    routing = model.enrichment.routing(torch.cat([retrieved["text"], retrieved["image"]], dim=-2))
+    assert output.expert_groups == ("id_enrichment",) and output.expert_weights.shape == (3, 8, 1, 2 + 3)
+    torch.testing.assert_close(output.expert_weights[valid][:, 0], routing)
+    assert output.expert_weights[~valid].abs().sum() == 0
+    torch.testing.assert_close(output.expert_usage()[0], routing.mean(0))
+    ablated, _ = make(tame_use_id_enrichment=False, **EXACT)
+    assert ablated(**inputs).expert_weights is None
+
+
 def test_without_retriever_only_the_cls_token_is_read():
     ablated, catalogue = make(tame_use_retriever=False, **EXACT)
     full, _ = make(**EXACT)

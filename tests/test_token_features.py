@@ -90,8 +90,12 @@ def test_a_tame_run_reproduces_its_metrics_when_loaded(media_dataset, tiny_encod
     from train.recommend import RunRecommender
     run = tmp_path / "run"
     _run([PY, "-m", "train.command", "--data", str(media_dataset), "--run-dir", str(run), *TINY_TAME,
-          *encoder_overrides(tiny_encoders), "train.batch_size=128", "max_epochs=2", "logging.tensorboard=false"])
+          *encoder_overrides(tiny_encoders), "train.batch_size=128", "max_epochs=2"])
     metrics = json.loads((run / "metrics.json").read_text())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "cammsr/expert_usage/id_enrichment/expert0" in events.Tags()["scalars"]
     rec = RunRecommender(run)
     assert rec.items.text.dim() == 3 and rec.items.image.shape[1] == 5
     table = TorchItemTable(rec.id_rows, "exact_sgd", 0.1, 1e-8, rec.device)

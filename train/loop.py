@@ -258,7 +258,7 @@ class Trainer:
         return terms, output, batch
 
     def _signals(self, output, batch, acc: dict) -> None:
-        """Accumulate CAMMSR's own signals: modality weight per category, expert usage."""
+        """Accumulate the routing signals: modality weight per category (CAMMSR), expert usage (every MoE)."""
         if output.modality_weights is not None and self.items.categories is not None:
             cats = self.items.categories[batch.item_seq]  # [B, L, C]
             mask = (output.valid & batch.real[:, None] & self.items.has_category[batch.item_seq]).float()
@@ -269,6 +269,7 @@ class Trainer:
         if usage is not None:
             acc["usage"] = acc.get("usage", 0) + usage.detach().float()
             acc["usage_n"] = acc.get("usage_n", 0) + 1
+            acc["expert_groups"] = output.expert_groups or self.cfg.model.modalities
 
     def train(self) -> dict:
         cfg, env, s = self.cfg, self.env, self.state
@@ -399,8 +400,8 @@ class Trainer:
         if usage is not None:
             usage = usage / (signals["usage_n"] * self.env.world_size)
         self.monitor.cammsr_signals(got.get("weights"), got.get("counts"), usage, self.cfg.model.modalities,
-                                    self.category_names, self.cfg.logging.max_category_scalars,
-                                    self.state["global_step"])
+                                    signals.get("expert_groups", ()), self.category_names,
+                                    self.cfg.logging.max_category_scalars, self.state["global_step"])
 
     def set_id_warmup(self, epoch: int) -> None:
         """The model's mode for `epoch`: the ID modality alone during train.id_warmup_epochs (CAMMSR), else all."""

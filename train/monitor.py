@@ -4,7 +4,8 @@ Tags: train/loss/{total,recommendation,mscl,category}, train/lr, perf/{samples,t
 perf/{images,texts}_per_s and perf/stream/{read,decode,tokenize,encode}_s (stream mode),
 memory/{rss_mb,cuda_max_allocated_mb}, valid/<metric>, test/<metric>, cammsr/modality_weight/<modality>
 (mean) and /by_category (histogram over categories) and /<category>/<modality> (scalars, first
-logging.max_category_scalars categories), cammsr/expert_usage/<modality>/expert<k>, and the resolved config (text).
+logging.max_category_scalars categories), cammsr/expert_usage/<group>/expert<k> (group: a modality, a FindRec
+head, TAME's id_enrichment), and the resolved config (text).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_text("config", "```yaml\n" + yaml_text + "\n```", 0)
 
-    def cammsr_signals(self, modality_sums, category_counts, expert_usage, modalities, category_names,
-                       max_scalars: int, step: int) -> None:
-        """modality_sums [C, M] (sum of weights over labelled positions), category_counts [C], expert_usage [M, K]."""
+    def cammsr_signals(self, modality_sums, category_counts, expert_usage, modalities, expert_groups,
+                       category_names, max_scalars: int, step: int) -> None:
+        """modality_sums [C, M] (sum of weights over labelled positions), category_counts [C], expert_usage [G, K]
+        for the routed groups `expert_groups` (the modalities for CAMMSR and HM4SR, FindRec's heads, TAME's ID
+        enrichment)."""
         if self.writer is None:
             return
         if modality_sums is not None:
@@ -71,10 +74,9 @@ class Monitor:
                 for c, name in enumerate(names[:max_scalars]):
                     self.writer.add_scalar(f"cammsr/modality_weight/{name}/{modality}", float(means[c, m]), step)
         if expert_usage is not None:
-            for m, modality in enumerate(modalities):
+            for g, group in enumerate(expert_groups):
                 for k in range(expert_usage.shape[1]):
-                    self.writer.add_scalar(f"cammsr/expert_usage/{modality}/expert{k}", float(expert_usage[m, k]),
-                                           step)
+                    self.writer.add_scalar(f"cammsr/expert_usage/{group}/expert{k}", float(expert_usage[g, k]), step)
 
     def flush(self) -> None:
         if self.writer is not None:

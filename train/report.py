@@ -80,20 +80,20 @@ def _expert_usage(events: EventAccumulator, path: Path) -> bool:
     usage: dict[str, dict[int, float]] = {}
     for tag in events.Tags()["scalars"]:
         if tag.startswith(EXPERT_PREFIX):
-            modality, expert = tag[len(EXPERT_PREFIX):].split("/")
-            usage.setdefault(modality, {})[int(expert.removeprefix("expert"))] = _last(events, tag)
+            group, expert = tag[len(EXPERT_PREFIX):].split("/")
+            usage.setdefault(group, {})[int(expert.removeprefix("expert"))] = _last(events, tag)
     if not usage:
         return False
-    modalities = sorted(usage)
+    groups = sorted(usage)
     experts = sorted({k for row in usage.values() for k in row})
-    matrix = np.array([[usage[m].get(k, 0.0) for k in experts] for m in modalities])
-    figure, axis = plt.subplots(figsize=(1.2 * len(experts) + 2, 0.8 * len(modalities) + 1.5))
+    matrix = np.array([[usage[g].get(k, 0.0) for k in experts] for g in groups])
+    figure, axis = plt.subplots(figsize=(1.2 * len(experts) + 2, 0.8 * len(groups) + 1.5))
     image = axis.imshow(matrix, cmap="viridis", aspect="auto")
     axis.set_xticks(range(len(experts)), [f"expert {k}" for k in experts])
-    axis.set_yticks(range(len(modalities)), modalities)
+    axis.set_yticks(range(len(groups)), groups)
     for (row, column), value in np.ndenumerate(matrix):
         axis.text(column, row, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
-    axis.set_title("mean router weight per expert (CAMoE)")
+    axis.set_title("mean router weight per expert")
     figure.colorbar(image)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
