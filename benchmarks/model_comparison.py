@@ -4,7 +4,7 @@ same budget, then trained once with its chosen config and read on test at its be
 
     python -m benchmarks.model_comparison --data data/quickstart --config configs/quickstart.yaml \\
         --spaces configs/spaces/compare --trials 4 --run-dir runs/compare_quickstart [--record-prefix ID] \\
-        [--models sasrec,hm4sr,findrec,tame,cammsr] [key=value ...]
+        [--models sasrec,hm4sr,findrec,tame,cammsr] [--status] [key=value ...]
 
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
@@ -12,13 +12,16 @@ then `cammsr train --config STUDY/best.yaml` to its early stop. The table gives 
 they were chosen on, the median training epoch in seconds, and each model's test NDCG@10 minus CAMMSR's per user
 (paired, with a bootstrap 95% interval). A model whose config the data cannot run (FindRec without images) is not
 trained; its row says why. Everything continues where it stopped: finished studies and runs are reused.
+--status prints how far each model has got (trials, best validation so far, the final run's epoch) and runs nothing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from benchmarks.machine import describe_machine
@@ -37,11 +40,11 @@ PAPER_BEAUTY = {
 }
 
 
-def base_config(args) -> Path:
-    """--config with the command's overrides, as one file every study and final run starts from."""
+def base_config(args, folder: Path) -> Path:
+    """--config with the command's overrides, as one file (folder/base.yaml) every study and final run starts from."""
     from train.config import load_config
-    path = args.run_dir / "base.yaml"
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+    path = folder / "base.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
     path.write_text(load_config(args.config, args.overrides).to_yaml())
     return path
 
@@ -82,13 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<model>.json per model")
+    parser.add_argument("--status", action="store_true", help="print each model's progress, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value for every study and final run (e.g. epochs cap)")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; known {list(MODELS)}")
-    base = base_config(args)
+    if args.status:  # the run folder is only read: the base config goes to a scratch folder
+        with tempfile.TemporaryDirectory() as scratch:
+            print(progress_table(models, args, base_config(args, Path(scratch))))
+        return 0
+    base = base_config(args, args.run_dir)
     finals, refused = {}, {}
     for model in models:
         why = refusal(model, base)
@@ -110,6 +118,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.record_prefix:
         _records(args, finals, differences)
     return 0
+
+
+def progress_table(models: list[str], args, base: Path) -> str:
+    """Where each model's study and final run stand (read from their folders)."""
+    from train.tune import study_progress
+    lines = ["| model | tuning trials finished | best valid NDCG@10 so far | final run |", "|---|---|---|---|"]
+    for model in models:
+        why = refusal(model, base)
+        if why:
+            lines.append(f"| {NAMES[model]} | not run: {why} | | |")
+            continue
+        study = study_progress(args.run_dir / model / "study")
+        trials = "not started" if study is None else f"{study['counted']} of {args.trials}"
+        best = "-" if study is None or study["best"] is None else f"{study['best']:.4f}"
+        lines.append(f"| {NAMES[model]} | {trials} | {best} | {final_run_state(args.run_dir / model / 'final')} |")
+    return "\n".join(lines)
+
+
+def final_run_state(run: Path) -> str:
+    metrics_file = run / "metrics.json"
+    if not metrics_file.is_file():
+        return "not started"
+    metrics = json.loads(metrics_file.read_text())
+    if metrics.get("test") is not None:
+        return f"finished: test NDCG@10 {metrics['test']['ndcg@10']:.4f} at epoch {metrics['best_epoch']}"
+    valid = metrics.get("valid") or {}
+    best = f", best valid {valid['ndcg@10']:.4f} at epoch {metrics['best_epoch']}" if "ndcg@10" in valid else ""
+    return f"{metrics['epochs_run']} epochs{best}"
 
 
 def comparison_table(finals: dict, differences: dict, refused: dict) -> str:

@@ -102,6 +102,10 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
                "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"), *TINY,
                "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
+    before = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert before.returncode == 0 and "| SASRec | not started | - | not started |" in before.stdout, before.stderr
+    assert not (tmp_path / "compare").exists()  # --status runs and writes nothing
     proc = subprocess.run(compare, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = re.search(r"^\| SASRec \| (0\.\d{4}) \|.*\| ([+-]0\.\d{4}) \[", proc.stdout, re.M)
@@ -112,3 +116,8 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     assert not (tmp_path / "compare" / "findrec").exists()
     trials = json.loads((tmp_path / "compare" / "cammsr" / "study" / "trials.json").read_text())
     assert len(trials) == 1
+    after = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                           timeout=120)
+    study_best = max(t["value"] for t in trials)
+    assert f"| CAMMSR | 1 of 1 | {study_best:.4f} | finished: test NDCG@10 " in after.stdout, after.stdout
+    assert re.search(r"^\| FindRec \| not run: ", after.stdout, re.M)

@@ -63,6 +63,17 @@ def _counted(study) -> int:
                if t.state.name in _COUNTED and not t.user_attrs.get("interrupted"))
 
 
+def study_progress(study_dir: Path) -> dict | None:
+    """{"counted": finished trials as --trials counts them, "best": the best complete trial's value or None} of the
+    study in study_dir, read without running anything; None when it has no study yet."""
+    if not (study_dir / "study.db").is_file():
+        return None
+    import optuna
+    study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(study_dir))
+    values = [t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return {"counted": _counted(study), "best": max(values) if values else None}
+
+
 def trial_overrides(settings: dict, values: dict) -> list[str]:
     """A trial's config overrides: the study's own, the space's fixed values, the trial's sampled values."""
     space: SearchSpace = settings["space"]
