@@ -5,7 +5,7 @@ paired difference of NDCG@10 (other minus default) on validation, which decides,
     python -m benchmarks.text_encoder_accuracy --data data/beauty --config configs/beauty.yaml \\
         --encoder all-mpnet-base-v2 --run-dir runs/text_encoder_beauty [--record ID] [key=value ...]
 
-A dataset folder holds one text store, so the other encoder's features go to RUN_DIR/data_<encoder>: the dataset's
+A dataset folder holds one text store, so the other encoder's features go to RUN_DIR/data_<name>: the dataset's
 manifest and shards linked, its own features/ (built by the first training). Finished runs are reused and an
 interrupted one resumed, so the command continues where it stopped.
 """
@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", help="write benchmarks/results/<ID>.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    other_data = dataset_view(args.data, args.run_dir / f"data_{args.encoder}")
+    label = Path(args.encoder).name  # a name, or a local folder's name
+    other_data = dataset_view(args.data, args.run_dir / f"data_{label}")
     runs = {"default": (args.data, args.run_dir / "default", []),
-            args.encoder: (other_data, args.run_dir / args.encoder, [f"data.text_encoder={args.encoder}"])}
+            args.encoder: (other_data, args.run_dir / label, [f"data.text_encoder={args.encoder}"])}
     metrics = {name: train_or_resume(str(data), args.config, run, [*args.overrides, *extra])
                for name, (data, run, extra) in runs.items()}
     comparison = {}

@@ -121,3 +121,23 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     study_best = max(t["value"] for t in trials)
     assert f"| CAMMSR | 1 of 1 | {study_best:.4f} | finished: test NDCG@10 " in after.stdout, after.stdout
     assert re.search(r"^\| FindRec \| not run: ", after.stdout, re.M)
+
+
+def test_text_encoder_accuracy_trains_both_encoders_and_pairs_them(tiny_encoders, tmp_path):
+    """The default MiniLM store and another encoder's, built in a linked view of the dataset, both trained, paired."""
+    data = write_tiny_dataset(tmp_path / "tiny")
+    command = [PY, "-m", "benchmarks.text_encoder_accuracy", "--data", str(data), "--encoder", str(tiny_encoders[0]),
+               "--run-dir", str(tmp_path / "runs"), *[o for o in TINY if not o.startswith("data.build_features")],
+               "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
+    proc = subprocess.run(command, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = tiny_encoders[0].name
+    stores = {folder: json.loads((folder / "features" / "text" / "store.json").read_text())["encoder"]
+              for folder in (data, tmp_path / "runs" / f"data_{name}")}
+    assert "all-MiniLM-L6-v2" in stores[data] and name in stores[tmp_path / "runs" / f"data_{name}"]
+    assert (tmp_path / "runs" / f"data_{name}" / "items").is_symlink()
+    for split in ("valid", "test"):
+        assert re.search(rf"^{split}: .* - default = [+-]0\.\d{{4}} \(SE 0\.\d{{4}}, bootstrap 95% ", proc.stdout, re.M)
+    test = {run: json.loads((tmp_path / "runs" / run / "metrics.json").read_text())["test"]["ndcg@10"]
+            for run in ("default", name)}
+    assert f"test NDCG@10 {str(tiny_encoders[0])} {test[name]:.4f}, default {test['default']:.4f}" in proc.stdout
