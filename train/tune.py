@@ -6,7 +6,8 @@ again with the same parameters; it continues from the last checkpoint of its run
 (DIR/trials/trial_NNNN, a normal run directory: config.yaml, metrics.json, TensorBoard events, checkpoints). Every
 trial trains with eval.test=never, so no test metric is computed during a study. Each validation round is reported
 to the pruner (median of the earlier trials at the same epoch, or a threshold), which may stop a weak trial early.
-`--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads.
+`--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads
+(the cores this process may use: taskset and cpusets count).
 
 At the end: DIR/best.yaml (the best trial's config, ready for `cammsr train --config`), DIR/trials.json (every
 trial's state, value and parameters) and DIR/plots/*.png (history, parameter importance, validation curves).
@@ -248,7 +249,7 @@ def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path
         raise ConfigError(f"--study-dir {study_dir}: another `cammsr tune` is running on this study") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = {"data": str(data), "config": config, "space": space, "study_dir": study_dir, "trials": trials,
-                "parallel": parallel, "threads": max(1, (os.cpu_count() or 1) // parallel), "command": command}
+                "parallel": parallel, "threads": max(1, len(os.sched_getaffinity(0)) // parallel), "command": command}
     storage = _storage(study_dir)
     study = _open_study(settings, 0, storage)
     fingerprint = _setup_fingerprint(space, base, str(data))
