@@ -25,8 +25,9 @@ def dataset_view(data: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
         link = folder / name
-        if not link.exists():
-            link.symlink_to((data / name).resolve())
+        if link.is_symlink():  # a view made from another path to the dataset (or a moved one) is relinked
+            link.unlink()
+        link.symlink_to((data / name).resolve())
     return folder
 
 
