@@ -10,7 +10,7 @@ Equation -> code (ambiguity: reading chosen, why)
 Eq. 1     E^t, E^v: forward's text_feat [B, L, T, F_t] / image_feat [B, L, P, F_v], [CLS] first (the paper lists
           ViT's last; the feature path puts it first); an all-zero token is padding. With
           feature_normalization="standardize" each dimension is z-scored over the catalogue's non-padding tokens
-          (TokenStandardizer; the reason is item_representation.py's).
+          (TokenStandardizer; the reason is item_representation.py's), folded into the keys' projection.
 Eq. 3-4   ModalityRetriever.self_attention: the N_q queries attend over H = [Q; e^id] (e^id: the raw ID row, no
           position), h heads of d/h. Only the query rows are computed, since Eq. 4 discards the ID row's output.
           ambiguity: residual / LayerNorm around the attentions (BLIP-2's Q-Former has them): none, as written.
@@ -74,7 +74,7 @@ CONTENT_MODALITIES = ("text", "image")
 
 def token_mask(tokens: torch.Tensor) -> torch.Tensor:
     """[..., T, F] -> [..., T] True where a token is not padding (not all zeros)."""
-    return tokens.ne(0).any(dim=-1)
+    return tokens.any(dim=-1)
 
 
 class TokenStandardizer(nn.Module):
@@ -106,6 +106,12 @@ class TokenStandardizer(nn.Module):
         self.mean.copy_(mean)
         self.inv_std.copy_((variance.clamp_min(0).sqrt().clamp_min(1e-4) * math.sqrt(dim)).reciprocal())
 
+    def folded_into(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """linear's weight and bias with the standardisation folded in: (x - mean) * inv_std W^T + b =
+        x (W diag(inv_std))^T + (b - W diag(inv_std) mean), so no standardised copy of a token table is written."""
+        weight = linear.weight.float() * self.inv_std
+        return weight, linear.bias.float() - weight @ self.mean
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # in fp32: encoder outputs share a large common direction that a bf16 subtraction would round away
         return ((tokens.float() - self.mean) * self.inv_std).to(tokens.dtype)
@@ -121,14 +127,24 @@ class MultiHeadAttention(nn.Module):
         self.key_value = nn.Linear(key_dim, 2 * width)
         self.out = nn.Linear(width, out_dim)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """queries [n, q, D_q], keys [n, k, D_k], key_mask [n, k] (True = attend, >= 1 per row) -> [n, q, out]"""
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None,
+                key_standardizer: TokenStandardizer | None = None) -> torch.Tensor:
+        """queries [n, q, D_q], keys [n, k, D_k], key_mask [n, k] (True = attend, >= 1 per row) -> [n, q, out];
+        key_standardizer: applied to the keys first (folded into their projection)."""
         n, num_queries, _ = queries.shape
         q = self.query(queries).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        k, v = (part.unflatten(-1, (self.heads, -1)).transpose(1, 2) for part in self.key_value(keys).chunk(2, -1))
+        k, v = (part.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                for part in self._key_values(keys, key_standardizer).chunk(2, -1))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(attended.transpose(1, 2).reshape(n, num_queries, -1))
+
+    def _key_values(self, keys: torch.Tensor, standardizer: TokenStandardizer | None) -> torch.Tensor:
+        if standardizer is None:
+            return self.key_value(keys)
+        # in fp32 for TokenStandardizer.forward's reason: the folded bias cancels the tokens' common direction
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            return F.linear(keys.float(), *standardizer.folded_into(self.key_value))
 
 
 class ModalityRetriever(nn.Module):
@@ -151,10 +167,11 @@ class ModalityRetriever(nn.Module):
     def reset_parameters_with(self, init) -> None:
         init(self.queries)
 
-    def forward(self, id_rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, id_rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                standardizer: TokenStandardizer | None = None) -> torch.Tensor:
         queries = self.queries.expand(id_rows.shape[0], -1, -1)
         id_aware = self.self_attention(queries, torch.cat([queries, id_rows[:, None]], dim=1))  # Eq. 3-4
-        retrieved = self.cross_attention(id_aware, tokens, mask)                                # Eq. 5
+        retrieved = self.cross_attention(id_aware, tokens, mask, standardizer)                  # Eq. 5
         return self.norm(retrieved + self.dropout(self.ffn(retrieved)))                         # Eq. 6
 
 
@@ -168,8 +185,10 @@ class ClsProjection(nn.Module):
                                  nn.Linear(cfg.ffn_inner_size, num_queries * cfg.hidden_size))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, id_rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.mlp(tokens[:, 0]).unflatten(-1, (self.num_queries, -1)))
+    def forward(self, id_rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                standardizer: TokenStandardizer | None = None) -> torch.Tensor:
+        cls = tokens[:, 0] if standardizer is None else standardizer(tokens[:, 0])
+        return self.norm(self.mlp(cls).unflatten(-1, (self.num_queries, -1)))
 
 
 class GatedAggregation(nn.Module):
@@ -248,22 +267,44 @@ class TAME(SequentialRecommender):
             if table is not None and modality in self.standardizers:
                 self.standardizers[modality].fit(table, self.cfg.tame_item_chunk_size)
 
-    def retrieve(self, id_rows: torch.Tensor, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eq. 3-6 per content modality: id_rows [n, d], tokens {modality: [n, T, F]} -> {modality: [n, N_q, d]},
-        zero for an item without tokens."""
+    def retrieve(self, id_rows: torch.Tensor, tokens: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Eq. 3-6 per content modality: id_rows [n, d], tokens {modality: [n, T, F]} (masks: their token_mask, when
+        already computed) -> {modality: [n, N_q, d]}, zero for an item without tokens."""
         retrieved = {}
         for modality in self.content:
             rows = tokens[modality]
             if rows is None:
                 raise ValueError(f"modality {modality!r} is enabled but its input is None")
-            mask = token_mask(rows)
+            mask = token_mask(rows) if masks is None else masks[modality]
             has_tokens = mask.any(dim=-1)
-            if modality in self.standardizers:
-                rows = self.standardizers[modality](rows)
             # a row without keys would make the attention NaN: it attends to its zeros, then its output is dropped
-            vectors = self.retrievers[modality](id_rows, rows, mask | ~has_tokens[:, None])
+            vectors = self.retrievers[modality](id_rows, rows, mask | ~has_tokens[:, None],
+                                                self.standardizers[modality] if modality in self.standardizers else None)
             retrieved[modality] = vectors * has_tokens[:, None, None].to(vectors.dtype)
         return retrieved
+
+    def retrieve_by_length(self, id_rows: torch.Tensor, tokens: dict[str, torch.Tensor | None]
+                           ) -> dict[str, torch.Tensor]:
+        """`retrieve` on tame_item_chunk_size items at a time, taken in order of their token count, each chunk's
+        token axis cut after its longest item's last token: the padding a chunk drops is work the keys' projection
+        and the attention no longer do (Beauty's titles: 31 tokens on average, padded to 64), and attention over
+        masked keys is the same with them or without."""
+        present = {m: tokens[m] for m in self.content if tokens.get(m) is not None}
+        masks = {m: token_mask(rows) for m, rows in present.items()}
+        if len(present) < len(self.content) or id_rows.shape[0] == 0:
+            return self.retrieve(id_rows, tokens, masks)
+        extents = {m: (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).amax(dim=-1)
+                   for m, mask in masks.items()}
+        order = sum(extents.values()).argsort()
+        parts = []
+        for start in range(0, order.shape[0], self.cfg.tame_item_chunk_size):
+            index = order[start: start + self.cfg.tame_item_chunk_size]
+            widths = {m: max(int(extents[m][index].max()), 1) for m in present}
+            parts.append(self.retrieve(id_rows[index], {m: present[m][index, :widths[m]] for m in present},
+                                       {m: masks[m][index, :widths[m]] for m in present}))
+        restore = order.argsort()
+        return {m: torch.cat([part[m] for part in parts])[restore] for m in self.content}
 
     def _enrich(self, id_rows: torch.Tensor, retrieved: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -278,18 +319,10 @@ class TAME(SequentialRecommender):
         return self._enrich(id_rows, retrieved)[0] if self.cfg.tame_candidate_id == "enriched" else id_rows
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
-        """Eq. 14's item side, [N + 1, M, d]: (ID candidate, e^t, e^v), tame_item_chunk_size items per pass."""
-        chunks = []
-        for start in range(0, id_rows.shape[0], self.cfg.tame_item_chunk_size):
-            end = start + self.cfg.tame_item_chunk_size
-            ids = id_rows[start:end]
-            tokens = {"text": None if text_rows is None else text_rows[start:end],
-                      "image": None if image_rows is None else image_rows[start:end]}
-            retrieved = self.retrieve(ids, tokens)
-            chunks.append(torch.stack([self._id_candidates(ids, retrieved) if m == "id"
-                                       else self.aggregations[m](retrieved[m]) for m in self.cfg.modalities],
-                                      dim=-2))
-        return torch.cat(chunks)
+        """Eq. 14's item side, [N + 1, M, d]: (ID candidate, e^t, e^v), retrieved by `retrieve_by_length`."""
+        retrieved = self.retrieve_by_length(id_rows, {"text": text_rows, "image": image_rows})
+        return torch.stack([self._id_candidates(id_rows, retrieved) if m == "id"
+                            else self.aggregations[m](retrieved[m]) for m in self.cfg.modalities], dim=-2)
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor, id_emb: torch.Tensor,
                 text_feat: torch.Tensor | None = None, image_feat: torch.Tensor | None = None,
@@ -298,8 +331,8 @@ class TAME(SequentialRecommender):
         (most of a prefix batch is padding); the rest of the sequence stays zero."""
         valid = item_seq != 0
         ids = id_emb[valid]                                                                # [n, d]
-        retrieved = self.retrieve(ids, {"text": None if text_feat is None else text_feat[valid],
-                                        "image": None if image_feat is None else image_feat[valid]})
+        retrieved = self.retrieve_by_length(ids, {"text": None if text_feat is None else text_feat[valid],
+                                                  "image": None if image_feat is None else image_feat[valid]})
         positions = self.position.weight[: item_seq.shape[1]].expand(item_seq.shape[0], -1, -1)[valid]
         enriched, routing = self._enrich(ids + positions, retrieved)                             # Eq. 9-12
         items = torch.stack([enriched if m == "id"

@@ -235,6 +235,55 @@ def test_without_retriever_only_the_cls_token_is_read():
     assert not torch.allclose(ablated(**changed).user_vectors, ablated(**inputs).user_vectors)
 
 
+def test_chunks_are_taken_by_token_count_and_cut_after_their_longest_item(monkeypatch):
+    model, catalogue = make(tame_item_chunk_size=4, **EXACT)
+    model.eval()
+    extents = {m: (table.any(-1) * torch.arange(1, table.shape[1] + 1)).amax(-1)
+               for m, table in (("text", catalogue.text), ("image", catalogue.image))}
+    seen, plain_retrieve = [], model.retrieve
+
+    def recording_retrieve(id_rows, tokens, masks=None):
+        seen.append({m: (rows.shape[1], masks[m].shape[1]) for m, rows in tokens.items()})
+        return plain_retrieve(id_rows, tokens, masks)
+
+    monkeypatch.setattr(model, "retrieve", recording_retrieve)
+    chunked = catalogue.candidates(model)
+    monkeypatch.undo()
+    order = (extents["text"] + extents["image"]).argsort()
+    assert len(seen) == math.ceil((NUM_ITEMS + 1) / 4)
+    for chunk, widths in enumerate(seen):
+        index = order[chunk * 4: (chunk + 1) * 4]
+        for modality in ("text", "image"):
+            assert widths[modality] == (max(int(extents[modality][index].max()), 1),) * 2
+    assert seen[0]["text"][0] < TEXT_TOKENS  # the shortest items' chunk drops padding
+    torch.testing.assert_close(chunked, torch.stack([
+        catalogue.id_table, *(model.aggregations[m](r) for m, r in model.retrieve(
+            catalogue.id_table, {"text": catalogue.text, "image": catalogue.image}).items())], dim=-2))
+
+
+def test_standardisation_folded_into_the_keys_equals_retrieving_standardised_tokens():
+    model, catalogue = make(feature_normalization="standardize", **EXACT)
+    model.fit_feature_statistics(catalogue.text, catalogue.image)
+    assert model.standardizers["text"].mean.abs().sum() > 0
+    raw, _ = make(feature_normalization="none", **EXACT)
+    raw.load_state_dict(model.state_dict(), strict=False)
+    tables = {"text": catalogue.text, "image": catalogue.image}
+    ids = catalogue.id_table.clone().requires_grad_(True)
+    folded = model.retrieve(ids, tables)
+    masks = {m: table.any(-1) for m, table in tables.items()}
+    standardized = {m: model.standardizers[m](table) for m, table in tables.items()}
+    ids_raw = catalogue.id_table.clone().requires_grad_(True)
+    explicit = raw.retrieve(ids_raw, standardized, masks)
+    for modality in tables:
+        torch.testing.assert_close(folded[modality], explicit[modality], rtol=1e-5, atol=1e-5)
+    sum(v.sum() for v in folded.values()).backward()
+    sum(v.sum() for v in explicit.values()).backward()
+    torch.testing.assert_close(ids.grad, ids_raw.grad, rtol=1e-4, atol=1e-5)
+    key_value = "retrievers.text.cross_attention.key_value.weight"
+    torch.testing.assert_close(dict(model.named_parameters())[key_value].grad,
+                               dict(raw.named_parameters())[key_value].grad, rtol=1e-4, atol=1e-5)
+
+
 def test_candidates_are_eq_14_items_and_chunks_equal_one_pass():
     model, catalogue = make(tame_item_chunk_size=7, **EXACT)
     whole, _ = make(tame_item_chunk_size=1000, **EXACT)
