@@ -4,13 +4,15 @@ same budget, then trained once with its chosen config and read on test at its be
 
     python -m benchmarks.model_comparison --data data/quickstart --config configs/quickstart.yaml \\
         --spaces configs/spaces/compare --trials 4 --run-dir runs/compare_quickstart [--record-prefix ID] \\
-        [--models sasrec,hm4sr,findrec,tame,cammsr] [--status] [key=value ...]
+        [--models sasrec,hm4sr,findrec,tame,cammsr] [--timing-epochs 3] [--status] [key=value ...]
 
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
-then `cammsr train --config STUDY/best.yaml` to its early stop. The table gives test metrics, the validation value
-they were chosen on, the median training epoch in seconds, and each model's test NDCG@10 minus CAMMSR's per user
-(paired, with a bootstrap 95% interval). A model whose config the data cannot run (FindRec without images) is not
+then `cammsr train --config STUDY/best.yaml` to its early stop. Once every model has its final run, each chosen config
+trains --timing-epochs epochs again, one model after the other (run the command alone: these are the table's epoch
+times, taken when nothing of the comparison runs beside them). The table gives test metrics, the validation value
+they were chosen on, the median epoch of the timing run in seconds, and each model's test NDCG@10 minus CAMMSR's
+per user (paired, with a bootstrap 95% interval), beside each paper's own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is not
 trained; its row says why. Everything continues where it stopped: finished studies and runs are reused.
 --status prints how far each model has got (trials, best validation so far, the final run's epoch) and runs nothing.
 """
@@ -30,14 +32,29 @@ from benchmarks.training_runs import train_or_resume
 
 MODELS = ("sasrec", "hm4sr", "findrec", "tame", "cammsr")
 NAMES = {"sasrec": "SASRec", "hm4sr": "HM4SR", "findrec": "FindRec", "tame": "TAME", "cammsr": "CAMMSR"}
-# Each paper's own NDCG@10 on Amazon Beauty, with its protocol, printed as recorded (never recomputed).
-PAPER_BEAUTY = {
-    "sasrec": "0.0412 (CAMMSR paper's SASRec row; RecBole prefix protocol, full ranking)",
-    "hm4sr": "0.0493 (HM4SR paper, Table 1; RecBole, leave-one-out, full ranking, ID + text + image + time)",
-    "findrec": "0.1027 (FindRec paper, Table 2; its own Beauty subset of 4,323 users / 2,424 items, leave-one-out)",
-    "tame": "0.0502 (TAME paper, Table II; leave-one-out, full ranking, BERT tokens + CLIP patches)",
-    "cammsr": "0.0517 (CAMMSR paper, Table III; RecBole prefix protocol, full ranking, ID + text + image)",
+# Each paper's own NDCG@10 per dataset (the manifest's name), with its protocol, printed as recorded (never
+# recomputed). None of the four papers reports MovieLens-1M.
+PAPER_NUMBERS = {
+    "Beauty": {
+        "sasrec": "0.0412 (CAMMSR paper's SASRec row; RecBole prefix protocol, full ranking)",
+        "hm4sr": "0.0493 (HM4SR paper, Table 1; RecBole, leave-one-out, full ranking, ID + text + image + time)",
+        "findrec": "0.1027 (FindRec paper, Table 2; its own Beauty subset of 4,323 users / 2,424 items, "
+                   "leave-one-out)",
+        "tame": "0.0502 (TAME paper, Table II; leave-one-out, full ranking, BERT tokens + CLIP patches)",
+        "cammsr": "0.0517 (CAMMSR paper, Table III; RecBole prefix protocol, full ranking, ID + text + image)",
+    },
+    "ml-1m": {
+        "sasrec": "none (the CAMMSR paper has no MovieLens)",
+        "hm4sr": "none (the HM4SR paper has no MovieLens)",
+        "findrec": "none (the FindRec paper reports MovieLens-100K, not 1M)",
+        "tame": "none (the TAME paper has no MovieLens)",
+        "cammsr": "none (the CAMMSR paper has no MovieLens)",
+    },
 }
+
+
+def paper_number(model: str, dataset: str) -> str:
+    return PAPER_NUMBERS.get(dataset, {}).get(model, f"none (no {dataset} number in the paper)")
 
 
 def base_config(args, folder: Path) -> Path:
@@ -70,7 +87,7 @@ def tune(model: str, args, base: Path, study_dir: Path) -> Path:
 
 
 def seconds_per_epoch(metrics: dict) -> float:
-    """The median training epoch of the run (robust to a few epochs slowed by another job)."""
+    """The median training epoch of the run."""
     epochs = [entry["epoch_seconds"] for entry in metrics["history"]]
     return statistics.median(epochs) if epochs else 0.0
 
@@ -85,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<model>.json per model")
+    parser.add_argument("--timing-epochs", type=int, default=3,
+                        help="epochs each chosen config trains again, after every final run, for the table's epoch time")
     parser.add_argument("--status", action="store_true", help="print each model's progress, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value for every study and final run (e.g. epochs cap)")
     args = parser.parse_args(argv)
+    if args.timing_epochs < 1:
+        raise SystemExit(f"--timing-epochs {args.timing_epochs}: at least one epoch is timed")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -97,16 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             print(progress_table(models, args, base_config(args, Path(scratch))))
         return 0
     base = base_config(args, args.run_dir)
-    finals, refused = {}, {}
+    finals, refused, chosen = {}, {}, {}
     for model in models:
         why = refusal(model, base)
         if why:
             refused[model] = why
             print(f"{NAMES[model]}: not run: {why}", flush=True)
             continue
-        best = tune(model, args, base, args.run_dir / model / "study")
+        chosen[model] = tune(model, args, base, args.run_dir / model / "study")
         finals[model] = (args.run_dir / model / "final",
-                         train_or_resume(args.data, str(best), args.run_dir / model / "final", []))
+                         train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "final", []))
+    seconds = {model: seconds_per_epoch(train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "timing",
+                                                        [f"train.max_epochs={args.timing_epochs}"]))
+               for model in finals}
     differences = {}
     if "cammsr" in finals:
         anchor = per_user_ndcg(finals["cammsr"][0], args.data, "test")
@@ -114,25 +138,33 @@ def main(argv: list[str] | None = None) -> int:
             if model != "cammsr":
                 differences[model] = paired_difference(per_user_ndcg(run, args.data, "test"), anchor)
     print(f"\n{args.data}, {args.trials} tuning trials per model; {describe_machine()}\n")
-    print(comparison_table(finals, differences, refused))
+    dataset = dataset_name(args.data)
+    print(comparison_table(finals, differences, refused, seconds, dataset))
     if args.record_prefix:
-        _records(args, finals, differences)
+        _records(args, finals, differences, seconds, dataset)
     return 0
 
 
+def dataset_name(data: str) -> str:
+    from data_shards.reader import PreparedDataset
+    return PreparedDataset(data, verify=False).manifest.get("name") or Path(data).name
+
+
 def progress_table(models: list[str], args, base: Path) -> str:
-    """Where each model's study and final run stand (read from their folders)."""
+    """Where each model's study, final run and timing run stand (read from their folders)."""
     from train.tune import study_progress
-    lines = ["| model | tuning trials finished | best valid NDCG@10 so far | final run |", "|---|---|---|---|"]
+    lines = ["| model | tuning trials finished | best valid NDCG@10 so far | final run | timing run |",
+             "|---|---|---|---|---|"]
     for model in models:
         why = refusal(model, base)
         if why:
-            lines.append(f"| {NAMES[model]} | not run: {why} | | |")
+            lines.append(f"| {NAMES[model]} | not run: {why} | | | |")
             continue
         study = study_progress(args.run_dir / model / "study")
         trials = "not started" if study is None else f"{study['counted']} of {args.trials}"
         best = "-" if study is None or study["best"] is None else f"{study['best']:.4f}"
-        lines.append(f"| {NAMES[model]} | {trials} | {best} | {final_run_state(args.run_dir / model / 'final')} |")
+        lines.append(f"| {NAMES[model]} | {trials} | {best} | {final_run_state(args.run_dir / model / 'final')} | "
+                     f"{timing_run_state(args.run_dir / model / 'timing')} |")
     return "\n".join(lines)
 
 
@@ -148,9 +180,19 @@ def final_run_state(run: Path) -> str:
     return f"{metrics['epochs_run']} epochs{best}"
 
 
-def comparison_table(finals: dict, differences: dict, refused: dict) -> str:
+def timing_run_state(run: Path) -> str:
+    metrics_file = run / "metrics.json"
+    if not metrics_file.is_file():
+        return "not started"
+    metrics = json.loads(metrics_file.read_text())
+    if metrics.get("test") is None:
+        return f"{metrics['epochs_run']} epochs"
+    return f"finished: {seconds_per_epoch(metrics):.1f} s/epoch"
+
+
+def comparison_table(finals: dict, differences: dict, refused: dict, seconds: dict, dataset: str) -> str:
     lines = ["| model | test NDCG@10 | test NDCG@5 | test MRR@10 | valid NDCG@10 | minus CAMMSR (paired 95% interval) "
-             "| s/epoch | best epoch / run | paper's Beauty NDCG@10 (its protocol) |",
+             f"| s/epoch | best epoch / run | paper's {dataset} NDCG@10 (its protocol) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, (_, metrics) in finals.items():
         test = metrics["test"]
@@ -160,37 +202,36 @@ def comparison_table(finals: dict, differences: dict, refused: dict) -> str:
         else:
             versus = "-"
         lines.append(f"| {NAMES[model]} | {test['ndcg@10']:.4f} | {test['ndcg@5']:.4f} | {test['mrr@10']:.4f} | "
-                     f"{metrics['valid']['ndcg@10']:.4f} | {versus} | {seconds_per_epoch(metrics):.1f} | "
-                     f"{metrics['best_epoch']} / {metrics['epochs_run']} | {PAPER_BEAUTY[model]} |")
+                     f"{metrics['valid']['ndcg@10']:.4f} | {versus} | {seconds[model]:.1f} | "
+                     f"{metrics['best_epoch']} / {metrics['epochs_run']} | {paper_number(model, dataset)} |")
     for model, why in refused.items():
-        lines.append(f"| {NAMES[model]} | not run: {why} | | | | | | | {PAPER_BEAUTY[model]} |")
+        lines.append(f"| {NAMES[model]} | not run: {why} | | | | | | | {paper_number(model, dataset)} |")
     return "\n".join(lines)
 
 
-def _records(args, finals: dict, differences: dict) -> None:
+def _records(args, finals: dict, differences: dict, seconds: dict, dataset: str) -> None:
     from benchmarks.results import write_record
-    from data_shards.reader import PreparedDataset
     command = " ".join(["python -m benchmarks.model_comparison", f"--data {args.data}",
                         *([f"--config {args.config}"] if args.config else []), f"--spaces {args.spaces}",
                         f"--trials {args.trials}", f"--models {args.models}", f"--run-dir {args.run_dir}",
-                        f"--record-prefix {args.record_prefix}", *args.overrides])
-    dataset = Path(args.data).name
-    is_beauty = PreparedDataset(args.data, verify=False).manifest.get("name") == "Beauty"
+                        f"--timing-epochs {args.timing_epochs}", f"--record-prefix {args.record_prefix}",
+                        *args.overrides])
+    folder = Path(args.data).name
     for model, (_, metrics) in finals.items():
         details = {"valid NDCG@10": round(metrics["valid"]["ndcg@10"], 4),
                    "test MRR@10": round(metrics["test"]["mrr@10"], 4),
-                   "seconds per epoch": round(seconds_per_epoch(metrics), 1),
-                   "best epoch": metrics["best_epoch"], "tuning trials": args.trials}
-        if is_beauty:
-            details["the paper's own number (its protocol)"] = PAPER_BEAUTY[model]
+                   "seconds per epoch": round(seconds[model], 1),
+                   "epoch time": f"median of {args.timing_epochs} epochs of the chosen config, after every final run",
+                   "best epoch": metrics["best_epoch"], "tuning trials": args.trials,
+                   "the paper's own number (its protocol)": paper_number(model, dataset)}
         reference = None
         if model in differences:
             low, high = differences[model]["ci95"]
             mean = differences[model]["mean"]
             details["minus CAMMSR, paired 95% interval"] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
             reference = {"name": "CAMMSR, same comparison", "value": round(finals["cammsr"][1]["test"]["ndcg@10"], 4)}
-        write_record(f"{args.record_prefix}_{model}", area=f"Model comparison: {dataset}",
-                     claim=f"{NAMES[model]} on {dataset}, tuned on validation, test", metric="test NDCG@10",
+        write_record(f"{args.record_prefix}_{model}", area=f"Model comparison: {folder}",
+                     claim=f"{NAMES[model]} on {folder}, tuned on validation, test", metric="test NDCG@10",
                      ours=round(metrics["test"]["ndcg@10"], 4), reference=reference, details=details,
                      command=command)
 

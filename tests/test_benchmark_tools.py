@@ -100,18 +100,26 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     again = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert again.stdout.count("finished, reused") == 2 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
     compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
-               "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"), *TINY,
+               "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"),
+               "--timing-epochs", "2", *TINY,
                "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
     before = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                             timeout=120)
-    assert before.returncode == 0 and "| SASRec | not started | - | not started |" in before.stdout, before.stderr
+    assert before.returncode == 0 and "| SASRec | not started | - | not started | not started |" in before.stdout, \
+        before.stderr
     assert not (tmp_path / "compare").exists()  # --status runs and writes nothing
     proc = subprocess.run(compare, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = re.search(r"^\| SASRec \| (0\.\d{4}) \|.*\| ([+-]0\.\d{4}) \[", proc.stdout, re.M)
+    row = re.search(r"^\| SASRec \| (0\.\d{4}) \|.*\| ([+-]0\.\d{4}) \[.*\] \| (\d+\.\d) \|", proc.stdout, re.M)
     assert row, proc.stdout[-2000:]
     sasrec = json.loads((tmp_path / "compare" / "sasrec" / "final" / "metrics.json").read_text())
     assert float(row.group(1)) == round(sasrec["test"]["ndcg@10"], 4)
+    timing = json.loads((tmp_path / "compare" / "sasrec" / "timing" / "metrics.json").read_text())
+    assert [r["epoch"] for r in timing["history"]] == [0, 1]  # the chosen config again, --timing-epochs long
+    epochs = sorted(r["epoch_seconds"] for r in timing["history"])
+    assert row.group(3) == f"{(epochs[0] + epochs[1]) / 2:.1f}"
+    assert "| paper's synthetic NDCG@10 (its protocol) |" in proc.stdout
+    assert re.search(r"^\| SASRec \|.*\| none \(no synthetic number in the paper\) \|$", proc.stdout, re.M)
     assert re.search(r"^\| FindRec \| not run: .*FindRec reads all of", proc.stdout, re.M), proc.stdout[-2000:]
     assert not (tmp_path / "compare" / "findrec").exists()
     trials = json.loads((tmp_path / "compare" / "cammsr" / "study" / "trials.json").read_text())
@@ -120,6 +128,7 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
                            timeout=120)
     study_best = max(t["value"] for t in trials)
     assert f"| CAMMSR | 1 of 1 | {study_best:.4f} | finished: test NDCG@10 " in after.stdout, after.stdout
+    assert re.search(r"^\| CAMMSR \|.*\| finished: \d+\.\d s/epoch \|$", after.stdout, re.M), after.stdout
     assert re.search(r"^\| FindRec \| not run: ", after.stdout, re.M)
 
 
