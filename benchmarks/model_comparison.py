@@ -9,8 +9,8 @@ same budget, then trained once with its chosen config and read on test at its be
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
 then `cammsr train --config STUDY/best.yaml` to its early stop. Once every model has its final run, each chosen config
-trains --timing-epochs epochs again, one model after the other (run the command alone: these are the table's epoch
-times, taken when nothing of the comparison runs beside them). The table gives test metrics, the validation value
+trains --timing-epochs epochs again, one model after the other, every modality from the first epoch (no ID warm-up);
+run the command alone: these are the table's epoch times, taken when nothing of the comparison runs beside them. The table gives test metrics, the validation value
 they were chosen on, the median epoch of the timing run in seconds, and each model's test NDCG@10 minus CAMMSR's
 per user (paired, with a bootstrap 95% interval), beside each paper's own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is not
 trained; its row says why. Everything continues where it stopped: finished studies and runs are reused.
@@ -33,7 +33,7 @@ from benchmarks.training_runs import train_or_resume
 MODELS = ("sasrec", "hm4sr", "findrec", "tame", "cammsr")
 NAMES = {"sasrec": "SASRec", "hm4sr": "HM4SR", "findrec": "FindRec", "tame": "TAME", "cammsr": "CAMMSR"}
 # Each paper's own NDCG@10 per dataset (the manifest's name), with its protocol, printed as recorded (never
-# recomputed). None of the four papers reports MovieLens-1M.
+# recomputed). None of the four papers reports MovieLens-1M (FindRec reports MovieLens-100K).
 PAPER_NUMBERS = {
     "Beauty": {
         "sasrec": "0.0412 (CAMMSR paper's SASRec row; RecBole prefix protocol, full ranking)",
@@ -43,18 +43,11 @@ PAPER_NUMBERS = {
         "tame": "0.0502 (TAME paper, Table II; leave-one-out, full ranking, BERT tokens + CLIP patches)",
         "cammsr": "0.0517 (CAMMSR paper, Table III; RecBole prefix protocol, full ranking, ID + text + image)",
     },
-    "ml-1m": {
-        "sasrec": "none (the CAMMSR paper has no MovieLens)",
-        "hm4sr": "none (the HM4SR paper has no MovieLens)",
-        "findrec": "none (the FindRec paper reports MovieLens-100K, not 1M)",
-        "tame": "none (the TAME paper has no MovieLens)",
-        "cammsr": "none (the CAMMSR paper has no MovieLens)",
-    },
 }
 
 
-def paper_number(model: str, dataset: str) -> str:
-    return PAPER_NUMBERS.get(dataset, {}).get(model, f"none (no {dataset} number in the paper)")
+def paper_number(model: str, dataset: str) -> str | None:
+    return PAPER_NUMBERS.get(dataset, {}).get(model)
 
 
 def base_config(args, folder: Path) -> Path:
@@ -129,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         finals[model] = (args.run_dir / model / "final",
                          train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "final", []))
     seconds = {model: seconds_per_epoch(train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "timing",
-                                                        [f"train.max_epochs={args.timing_epochs}"]))
+                                                        [f"train.max_epochs={args.timing_epochs}",
+                                                         "train.id_warmup_epochs=0"]))
                for model in finals}
     differences = {}
     if "cammsr" in finals:
@@ -203,9 +197,9 @@ def comparison_table(finals: dict, differences: dict, refused: dict, seconds: di
             versus = "-"
         lines.append(f"| {NAMES[model]} | {test['ndcg@10']:.4f} | {test['ndcg@5']:.4f} | {test['mrr@10']:.4f} | "
                      f"{metrics['valid']['ndcg@10']:.4f} | {versus} | {seconds[model]:.1f} | "
-                     f"{metrics['best_epoch']} / {metrics['epochs_run']} | {paper_number(model, dataset)} |")
+                     f"{metrics['best_epoch']} / {metrics['epochs_run']} | {paper_number(model, dataset) or 'none'} |")
     for model, why in refused.items():
-        lines.append(f"| {NAMES[model]} | not run: {why} | | | | | | | {paper_number(model, dataset)} |")
+        lines.append(f"| {NAMES[model]} | not run: {why} | | | | | | | {paper_number(model, dataset) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -221,9 +215,9 @@ def _records(args, finals: dict, differences: dict, seconds: dict, dataset: str)
         details = {"valid NDCG@10": round(metrics["valid"]["ndcg@10"], 4),
                    "test MRR@10": round(metrics["test"]["mrr@10"], 4),
                    "seconds per epoch": round(seconds[model], 1),
-                   "epoch time": f"median of {args.timing_epochs} epochs of the chosen config, after every final run",
-                   "best epoch": metrics["best_epoch"], "tuning trials": args.trials,
-                   "the paper's own number (its protocol)": paper_number(model, dataset)}
+                   "best epoch": metrics["best_epoch"], "tuning trials": args.trials}
+        if paper_number(model, dataset):
+            details["the paper's own number (its protocol)"] = paper_number(model, dataset)
         reference = None
         if model in differences:
             low, high = differences[model]["ci95"]
