@@ -26,12 +26,14 @@ def machine_line(machine: dict) -> str:
 
 def current_commit() -> str:
     """The short commit of the working tree, "+ changes" when it differs from it (the number is then of code
-    that no commit holds yet, which the page says)."""
+    that no commit holds yet, which the page says). The results folder and the page are outputs, not code: a record
+    or a note written but not yet committed changes nothing that measured."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results", ":(exclude)BENCHMARKS.md"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
