@@ -3,6 +3,7 @@ best config and plots and never ranks test, a second run continues the study, an
 its checkpoint, the pruner stops trials on their validation curve."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -150,7 +151,9 @@ def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config,
 
 @pytest.mark.parametrize("space", sorted((ROOT / "configs" / "spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_the_shipped_spaces_pass_their_checks(space):
-    """Every space under configs/spaces is valid on top of the config its header names (configs/beauty.yaml)."""
+    """Every space under configs/spaces is valid on top of the config and data its header's command names."""
     from train.tune_space import load_space
-    loaded, base = load_space(space, ROOT / "configs" / "beauty.yaml", "data/beauty")
+    command = re.search(r"--data (\S+) --config (\S+) --space (\S+)", space.read_text())
+    assert command and command.group(3) == f"configs/spaces/{space.name}", "the header's command runs this space"
+    loaded, base = load_space(space, ROOT / command.group(2), command.group(1))
     assert loaded.params and base.eval.test == "never"
