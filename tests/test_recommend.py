@@ -152,16 +152,20 @@ def test_quickstart_prints_a_working_command(root, capsys):
     assert "top 10 (history items excluded)" in capsys.readouterr().out
 
 
-def _recommend_path_ndcg(root, histories: list[list[int]], targets: list[int]) -> float:
+def _recommend_path_ndcg(root, histories: list[list[int]], targets: list[int], exclude_history: bool = False,
+                         run: str = "cammsr") -> float:
     """Mean NDCG@10 of the targets' places in `cammsr recommend`'s full ranked lists (one user per pass;
-    a trained model's scores are distinct, so a place is a rank)."""
+    a trained model's scores are distinct, so a place is a rank); with exclude_history, lists without the user's
+    history items, where a target that repeats one is not placed (NDCG 0)."""
     import math
     from train.recommend import RunRecommender
-    recommender = RunRecommender(root / "cammsr")
+    recommender = RunRecommender(root / run)
     everything = recommender.num_rows - 1
     gains = []
     for history, target in zip(histories, targets):
-        place = [item for item, _ in recommender.top_k(history, everything)].index(target) + 1
+        ranked = [item for item, _ in recommender.top_k(history, everything, set(history) if exclude_history
+                                                                else frozenset())]
+        place = ranked.index(target) + 1 if target in ranked else everything
         gains.append(1 / math.log2(place + 1) if place <= 10 else 0.0)
     return sum(gains) / len(gains)
 
@@ -189,4 +193,24 @@ def test_paired_comparison_reproduces_the_runs_metric_and_a_run_against_itself_i
     assert same["mean"] == 0 and same["se"] == 0 and same["ci95"] == (0.0, 0.0)
     shifted = paired_difference(per_user + 0.01, per_user, resamples=200)
     assert shifted["mean"] == pytest.approx(0.01) and shifted["share_not_above"] == 0
+
+
+def test_paired_comparison_ranks_as_the_run_does_without_history_items(root):
+    """A run that evaluates with eval.exclude_history is scored per user the same way, and is not paired with a run
+    that ranks every item."""
+    from benchmarks.paired_comparison import per_user_ndcg
+    run = root / "cammsr_unseen"
+    _train([PY, "-m", "train.command", "--data", str(root / "data"), "--run-dir", str(run), *TRAIN,
+            "eval.exclude_history=true"])
+    sequences = [s.items for s in _users(root)]
+    per_user = per_user_ndcg(run, root / "data", "test")
+    expected = _recommend_path_ndcg(root, [list(s[:-1]) for s in sequences], [s[-1] for s in sequences],
+                                    exclude_history=True, run="cammsr_unseen")
+    assert per_user.mean() == pytest.approx(expected, abs=1e-9)
+    evaluator = json.loads((run / "metrics.json").read_text())["test"]["ndcg@10"]
+    assert per_user.mean() == pytest.approx(evaluator, abs=1e-6)
+    proc = subprocess.run([PY, "-m", "benchmarks.paired_comparison", "--data", str(root / "data"), "--split", "test",
+                           str(run), str(root / "cammsr")], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "the runs rank differently (eval.exclude_history" in proc.stderr
 
