@@ -7,14 +7,15 @@ same budget, then trained once with its chosen config and read on test at its be
         [--models sasrec,hm4sr,findrec,tame,cammsr] [--timing-epochs 3] [--status] [key=value ...]
 
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
-directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys),
-then `cammsr train --config STUDY/best.yaml` to its early stop. Once every model has its final run, each chosen config
+directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys), then
+`cammsr train --config STUDY/best.yaml` to its early stop. Once every model has its final run, each chosen config
 trains --timing-epochs epochs again, one model after the other, every modality from the first epoch (no ID warm-up);
-run the command alone: these are the table's epoch times, taken when nothing of the comparison runs beside them. The table gives test metrics, the validation value
-they were chosen on, the median epoch of the timing run in seconds, and each model's test NDCG@10 minus CAMMSR's
-per user (paired, with a bootstrap 95% interval), beside each paper's own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is not
-trained; its row says why. Everything continues where it stopped: finished studies and runs are reused.
---status prints how far each model has got (trials, best validation so far, the final run's epoch) and runs nothing.
+run the command alone: these are the table's epoch times, taken when nothing of the comparison runs beside them. The
+table gives test metrics, the validation value they were chosen on, the median epoch of the timing run in seconds,
+and each model's test NDCG@10 minus CAMMSR's per user (paired, with a bootstrap 95% interval), beside each paper's
+own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is
+not trained; its row says why. Everything continues where it stopped: finished studies and runs are reused. --status
+prints how far each model has got (trials, best validation so far, the final run's epoch) and runs nothing.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<model>.json per model")
     parser.add_argument("--timing-epochs", type=int, default=3,
-                        help="epochs each chosen config trains again, after every final run, for the table's epoch time")
+                        help="epochs each chosen config trains again after every final run: the table's epoch time")
     parser.add_argument("--status", action="store_true", help="print each model's progress, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value for every study and final run (e.g. epochs cap)")
     args = parser.parse_args(argv)

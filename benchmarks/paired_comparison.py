@@ -5,8 +5,8 @@ its mean, paired standard error and a bootstrap 95% interval.
 
 Both runs' best checkpoints rank every user's target against all items (one user per pass, as `cammsr recommend`),
 or against the items the user has not seen when the runs evaluate so (eval.exclude_history; two runs that rank
-differently are not compared), so each mean equals the run's own metric up to float rounding. Use it to report a finished comparison; choose
-settings on --split valid only.
+differently are not compared), so each mean equals the run's own metric up to float rounding. Use it to report a
+finished comparison; choose settings on --split valid only.
 """
 from __future__ import annotations
 

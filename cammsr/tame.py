@@ -278,9 +278,9 @@ class TAME(SequentialRecommender):
                 raise ValueError(f"modality {modality!r} is enabled but its input is None")
             mask = token_mask(rows) if masks is None else masks[modality]
             has_tokens = mask.any(dim=-1)
+            standardizer = self.standardizers[modality] if modality in self.standardizers else None
             # a row without keys would make the attention NaN: it attends to its zeros, then its output is dropped
-            vectors = self.retrievers[modality](id_rows, rows, mask | ~has_tokens[:, None],
-                                                self.standardizers[modality] if modality in self.standardizers else None)
+            vectors = self.retrievers[modality](id_rows, rows, mask | ~has_tokens[:, None], standardizer)
             retrieved[modality] = vectors * has_tokens[:, None, None].to(vectors.dtype)
         return retrieved
 
