@@ -1,15 +1,18 @@
 """The CAMMSR paper's analyses as one command each: the category-noise study (Table V), the category settings
-(Table VII: multi-label, one path, virtual categories, none) and the MSCL modality pairs (Table IV).
+(Table VII: multi-label, one path, virtual categories, none), the MSCL modality pairs (Table IV) and the component
+ablations (Table III's w/o rows) of a given, e.g. tuned, config.
 
     python -m benchmarks.paper_studies noise --data data/beauty --config configs/beauty.yaml \\
         --run-dir runs/noise_beauty [--levels 0.1,0.2,0.3] [--record ID] [key=value ...]
     python -m benchmarks.paper_studies categories --data DATA --config CONFIG --run-dir DIR
     python -m benchmarks.paper_studies pairs --data DATA --config CONFIG --run-dir DIR
+    python -m benchmarks.paper_studies ablations --data DATA --config runs/tune_beauty_cammsr/best.yaml --run-dir DIR
 
 Every setting trains CAMMSR with the same config (as the paper keeps its main experiment's hyper-parameters) and
 differs only in what the study varies; each run stops early on validation and reports test at its best validation
 epoch. A finished run is reused and an interrupted one resumed, so the command continues where it stopped. The
-paper's own rows (Beauty, where it reports them) are printed beside ours as recorded.
+paper's own rows (Beauty, where it reports them) are printed beside ours as recorded. The ablations also give each
+setting's per-user test NDCG@10 minus the full model's, with a bootstrap 95% interval.
 """
 from __future__ import annotations
 
@@ -57,15 +60,32 @@ def pair_settings(modalities: list[str]) -> dict[str, list[str]]:
     return settings
 
 
-def _modalities(config: str | None, overrides: list[str]) -> list[str]:
+MODALITY_LETTERS = {"text": "T", "image": "V"}  # the paper's names: w/o T, w/o V
+
+
+def ablation_settings(modalities: list[str], mscl_pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The config as it is, then without category guidance, without MSCL, and without each content modality (its
+    MSCL pairs leave with it)."""
+    settings = {"CAMMSR": [], "w/o CG": ["model.use_category_guidance=false"], "w/o MSCL": ["model.mscl_pairs=[]"]}
+    for modality in modalities:
+        if modality in MODALITY_LETTERS:
+            kept = [m for m in modalities if m != modality]
+            pairs = [pair for pair in mscl_pairs if modality not in pair]
+            pair_list = ",".join(f"[{a},{b}]" for a, b in pairs)
+            settings[f"w/o {MODALITY_LETTERS[modality]}"] = [f"model.modalities=[{','.join(kept)}]",
+                                                             f"model.mscl_pairs=[{pair_list}]"]
+    return settings
+
+
+def _model_config(config: str | None, overrides: list[str]):
     from train.config import load_config
-    return list(load_config(config, overrides).model.modalities)
+    return load_config(config, overrides).model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_studies", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("noise", "categories", "pairs"))
+    parser.add_argument("study", choices=("noise", "categories", "pairs", "ablations"))
     parser.add_argument("--data", required=True)
     parser.add_argument("--config")
     parser.add_argument("--run-dir", type=Path, required=True)
@@ -78,37 +98,61 @@ def main(argv: list[str] | None = None) -> int:
         settings = noise_settings([float(v) for v in args.levels.split(",")])
     elif args.study == "categories":
         settings = category_settings([int(v) for v in args.virtual.split(",")])
+    elif args.study == "pairs":
+        settings = pair_settings(list(_model_config(args.config, args.overrides).modalities))
     else:
-        settings = pair_settings(_modalities(args.config, args.overrides))
-    results = {}
+        model = _model_config(args.config, args.overrides)
+        settings = ablation_settings(list(model.modalities), list(model.mscl_pairs))
+    results, folders = {}, {}
     for name, extra in settings.items():
-        folder = args.run_dir / name.replace(" ", "_").replace("/", "").replace("%", "pct").replace("+", "")
-        results[name] = train_or_resume(args.data, args.config, folder, [*args.overrides, *extra])
-    table = study_table(results, PAPER_NOISE_BEAUTY if args.study == "noise" else {})
+        folders[name] = args.run_dir / name.replace(" ", "_").replace("/", "").replace("%", "pct").replace("+", "")
+        results[name] = train_or_resume(args.data, args.config, folders[name], [*args.overrides, *extra])
+    differences = paired_to_first(folders, args.data) if args.study == "ablations" else {}
+    table = study_table(results, PAPER_NOISE_BEAUTY if args.study == "noise" else {}, differences)
     print(f"\n{args.study} study, {args.data}; {describe_machine()}\n")
     print(table)
     if args.record:
-        _record(args, results)
+        _record(args, results, differences)
     return 0
 
 
-def study_table(results: dict[str, dict], paper: dict[str, tuple]) -> str:
+def paired_to_first(folders: dict[str, Path], data: str) -> dict[str, dict]:
+    """Each later setting's per-user test NDCG@10 minus the first's (paired_comparison.paired_difference)."""
+    from benchmarks.paired_comparison import paired_difference, per_user_ndcg
+    (first, first_run), *others = folders.items()
+    reference = per_user_ndcg(first_run, data, "test")
+    return {name: paired_difference(per_user_ndcg(run, data, "test"), reference) for name, run in others}
+
+
+def study_table(results: dict[str, dict], paper: dict[str, tuple], differences: dict[str, dict] | None = None) -> str:
     """Markdown: test NDCG@10 / MRR@10 at the best validation epoch, the validation value, the change from the
-    first setting (the reference), epochs, and the paper's Beauty row where it has one."""
+    first setting (the reference; with `differences`, also its paired 95% interval), epochs, and the paper's Beauty
+    row where it has one."""
     reference = next(iter(results.values()))["test"]["ndcg@10"]
-    lines = ["| setting | test NDCG@10 | test MRR@10 | change | valid NDCG@10 | best epoch / run | paper Beauty "
-             "NDCG@10 / MRR@10 |", "|---|---|---|---|---|---|---|"]
+    paired = ["minus the first (paired 95% interval)"] if differences else []
+    header = ["setting", "test NDCG@10", "test MRR@10", "change", *paired, "valid NDCG@10", "best epoch / run",
+              "paper Beauty NDCG@10 / MRR@10"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, metrics in results.items():
         test, valid = metrics["test"], metrics["valid"]
         change = (test["ndcg@10"] - reference) / reference * 100
         recorded = paper.get(name)
         paper_cell = f"{recorded[0]:.4f} / {recorded[1]:.4f}" if recorded else "-"
-        lines.append(f"| {name} | {test['ndcg@10']:.4f} | {test['mrr@10']:.4f} | {change:+.1f}% | "
-                     f"{valid['ndcg@10']:.4f} | {metrics['best_epoch']} / {metrics['epochs_run']} | {paper_cell} |")
+        interval = [_interval(differences.get(name))] if differences else []
+        lines.append("| " + " | ".join([name, f"{test['ndcg@10']:.4f}", f"{test['mrr@10']:.4f}", f"{change:+.1f}%",
+                                        *interval, f"{valid['ndcg@10']:.4f}",
+                                        f"{metrics['best_epoch']} / {metrics['epochs_run']}", paper_cell]) + " |")
     return "\n".join(lines)
 
 
-def _record(args, results: dict[str, dict]) -> None:
+def _interval(difference: dict | None) -> str:
+    if difference is None:
+        return "-"
+    low, high = difference["ci95"]
+    return f"{difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def _record(args, results: dict[str, dict], differences: dict[str, dict]) -> None:
     from benchmarks.results import write_record
     first, last = next(iter(results)), list(results)[-1]
     command = " ".join(["python -m benchmarks.paper_studies", args.study, f"--data {args.data}",
@@ -118,7 +162,9 @@ def _record(args, results: dict[str, dict]) -> None:
                  claim=f"CAMMSR {args.study} study, {Path(args.data).name}: {first} vs {last}, test",
                  metric="test NDCG@10", ours=round(results[first]["test"]["ndcg@10"], 4),
                  reference={"name": last, "value": round(results[last]["test"]["ndcg@10"], 4)},
-                 details={name: round(m["test"]["ndcg@10"], 4) for name, m in results.items()}, command=command)
+                 details={name: round(m["test"]["ndcg@10"], 4) if name not in differences
+                          else f"{m['test']['ndcg@10']:.4f}, paired {_interval(differences[name])}"
+                          for name, m in results.items()}, command=command)
 
 
 if __name__ == "__main__":

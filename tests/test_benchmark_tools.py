@@ -78,13 +78,17 @@ def test_accuracy_table_reads_a_real_run_in_the_chosen_metrics_with_its_curve(da
 
 def test_paper_study_settings_are_valid_configs():
     """Every setting the paper_studies command trains is a config the trainer accepts (no run starts with a typo)."""
-    from benchmarks.paper_studies import category_settings, noise_settings, pair_settings
+    from benchmarks.paper_studies import ablation_settings, category_settings, noise_settings, pair_settings
     from train.config import load_config, validate
     noise = noise_settings([0.1, 0.3])
     assert list(noise) == ["CAMMSR", "removal 10%", "removal 30%", "misleading 10%", "misleading 30%", "w/o CG"]
     pairs = pair_settings(["id", "text", "image"])
     assert len(pairs) == 7 + 1 and "id-text + id-image + text-image" in pairs  # Table IV's subsets and w/o MSCL
-    for settings in (noise, category_settings([10, 20]), pairs):
+    ablations = ablation_settings(["id", "text", "image"], [("text", "image"), ("id", "text"), ("id", "image")])
+    assert list(ablations) == ["CAMMSR", "w/o CG", "w/o MSCL", "w/o T", "w/o V"]
+    without_text = load_config(None, ablations["w/o T"]).model
+    assert without_text.modalities == ("id", "image") and without_text.mscl_pairs == (("id", "image"),)
+    for settings in (noise, category_settings([10, 20]), pairs, ablations):
         for overrides in settings.values():
             validate(load_config("configs/quickstart.yaml", overrides), world_size=1, cuda=False)
     assert load_config(None, pairs["id-image"]).model.mscl_pairs == (("id", "image"),)
@@ -92,13 +96,22 @@ def test_paper_study_settings_are_valid_configs():
 
 def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     """The two resumable benchmark commands end to end on the tiny data: a second call reuses every finished run."""
-    study = [PY, "-m", "benchmarks.paper_studies", "pairs", "--data", str(data), "--run-dir", str(tmp_path / "pairs"),
-             *TINY, "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
-    first = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    study = [PY, "-m", "benchmarks.paper_studies", "ablations", "--data", str(data), "--run-dir",
+             str(tmp_path / "ablations"), *TINY, "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]",
+             "max_epochs=1"]
+    first = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert re.search(r"^\| id-text \| 0\.\d{4} \|", first.stdout, re.M) and "| w/o MSCL |" in first.stdout
-    again = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert again.stdout.count("finished, reused") == 2 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
+    assert re.search(r"^\| CAMMSR \| 0\.\d{4} \| 0\.\d{4} \| \+0\.0% \| - \|", first.stdout, re.M), first.stdout[-2000:]
+    for name in ("w/o CG", "w/o MSCL", "w/o T"):  # each paired with the full model, per user
+        row = re.search(rf"^\| {name} \| (0\.\d{{4}}) \| .* \| ([+-]0\.\d{{4}}) \[[+-]0\.\d{{4}}, [+-]0\.\d{{4}}\] \|",
+                        first.stdout, re.M)
+        assert row, first.stdout[-2000:]
+    full = json.loads((tmp_path / "ablations" / "CAMMSR" / "metrics.json").read_text())["test"]["ndcg@10"]
+    without_text = json.loads((tmp_path / "ablations" / "wo_T" / "metrics.json").read_text())["test"]["ndcg@10"]
+    assert float(row.group(1)) == round(without_text, 4)
+    assert abs(float(row.group(2)) - (without_text - full)) < 1e-4  # the paired mean is the difference of means
+    again = subprocess.run(study, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert again.stdout.count("finished, reused") == 4 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
     compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
                "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"),
                "--timing-epochs", "2", *TINY,
