@@ -101,6 +101,8 @@ def test_parallel_study_best_config_plots_no_test_and_continuation(dataset, base
     assert best_cfg.train.num_negatives == best["params"]["train.num_negatives"]
     assert best_cfg.eval.test == "end" and best_cfg.eval.patience == 0  # a ready training config
     assert f"VALIDATION ndcg@10 {best['value']:.4f}" in (study / "best.yaml").read_text()
+    spent = sum(t["epochs_run"] for t in counted)  # the budget: every finished trial's epochs
+    assert f"{spent} epochs trained in all" in (study / "best.yaml").read_text() and f"{spent} epochs trained" in out
     for plot in ("history", "importance", "validation_curves"):
         assert (study / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

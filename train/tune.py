@@ -213,8 +213,10 @@ def _summarise(study, settings: dict) -> None:
              "resume_of": t.user_attrs.get("resume_of")} for t in study.get_trials(deepcopy=False)]
     (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    # the budget spent: a trial that continues an interrupted one counts the epochs before the interruption too
+    epochs = sum(r["epochs_run"] or 0 for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
     print(f"study {study_dir}: {len(rows)} trials ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-          f"{states['FAIL']} failed) -> {study_dir / 'trials.json'}")
+          f"{states['FAIL']} failed), {epochs} epochs trained -> {study_dir / 'trials.json'}")
     for note in _plots(study, study_dir / "plots", settings["space"].metric):
         print(f"  {note}")
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -225,8 +227,8 @@ def _summarise(study, settings: dict) -> None:
     cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
     header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
               f"{space.metric} {best.value:.4f} (best epoch {best.user_attrs.get('best_epoch')}).",
-              f"# {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed trials; "
-              f"command: {settings['command']}",
+              f"# {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed trials, "
+              f"{epochs} epochs trained in all; command: {settings['command']}",
               "# Its parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items())]
     (study_dir / "best.yaml").write_text("\n".join(header) + "\n" + cfg.to_yaml())
     print(f"best: trial #{best.number}, valid {space.metric} {best.value:.4f}; {best.params} -> "
