@@ -297,10 +297,11 @@ class TAME(SequentialRecommender):
         extents = {m: (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).amax(dim=-1)
                    for m, mask in masks.items()}
         order = sum(extents.values()).argsort()
-        parts = []
-        for start in range(0, order.shape[0], self.cfg.tame_item_chunk_size):
-            index = order[start: start + self.cfg.tame_item_chunk_size]
-            widths = {m: max(int(extents[m][index].max()), 1) for m in present}
+        ordered = {m: extents[m][order].tolist() for m in present}  # one host copy, not a device sync per chunk
+        parts, size = [], self.cfg.tame_item_chunk_size
+        for start in range(0, order.shape[0], size):
+            index = order[start: start + size]
+            widths = {m: max(max(ordered[m][start: start + size]), 1) for m in present}
             parts.append(self.retrieve(id_rows[index], {m: present[m][index, :widths[m]] for m in present},
                                        {m: masks[m][index, :widths[m]] for m in present}))
         restore = order.argsort()
