@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.machine import describe_machine
-from benchmarks.paired_comparison import paired_difference, per_user_ndcg
+from benchmarks.paired_comparison import format_difference, paired_against
 from benchmarks.training_runs import train_or_resume
 
 MODELS = ("sasrec", "hm4sr", "findrec", "tame", "cammsr")
@@ -128,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                for model in finals}
     differences = {}
     if "cammsr" in finals:
-        anchor = per_user_ndcg(finals["cammsr"][0], args.data, "test")
-        for model, (run, _) in finals.items():
-            if model != "cammsr":
-                differences[model] = paired_difference(per_user_ndcg(run, args.data, "test"), anchor)
+        differences = paired_against(finals["cammsr"][0], {model: run for model, (run, _) in finals.items()
+                                                           if model != "cammsr"}, args.data)
     print(f"\n{args.data}, {args.trials} tuning trials per model; {describe_machine()}\n")
     dataset = dataset_name(args.data)
     print(comparison_table(finals, differences, refused, seconds, dataset))
@@ -158,30 +156,30 @@ def progress_table(models: list[str], args, base: Path) -> str:
         study = study_progress(args.run_dir / model / "study")
         trials = "not started" if study is None else f"{study['counted']} of {args.trials}"
         best = "-" if study is None or study["best"] is None else f"{study['best']:.4f}"
-        lines.append(f"| {NAMES[model]} | {trials} | {best} | {final_run_state(args.run_dir / model / 'final')} | "
-                     f"{timing_run_state(args.run_dir / model / 'timing')} |")
+        lines.append(f"| {NAMES[model]} | {trials} | {best} | "
+                     f"{run_state(args.run_dir / model / 'final', _final_finished)} | "
+                     f"{run_state(args.run_dir / model / 'timing', _timing_finished)} |")
     return "\n".join(lines)
 
 
-def final_run_state(run: Path) -> str:
+def run_state(run: Path, finished) -> str:
+    """Where a run stands, from its metrics.json: not started, its epochs so far, or `finished(metrics)`."""
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file():
         return "not started"
     metrics = json.loads(metrics_file.read_text())
     if metrics.get("test") is not None:
-        return f"finished: test NDCG@10 {metrics['test']['ndcg@10']:.4f} at epoch {metrics['best_epoch']}"
+        return finished(metrics)
     valid = metrics.get("valid") or {}
     best = f", best valid {valid['ndcg@10']:.4f} at epoch {metrics['best_epoch']}" if "ndcg@10" in valid else ""
     return f"{metrics['epochs_run']} epochs{best}"
 
 
-def timing_run_state(run: Path) -> str:
-    metrics_file = run / "metrics.json"
-    if not metrics_file.is_file():
-        return "not started"
-    metrics = json.loads(metrics_file.read_text())
-    if metrics.get("test") is None:
-        return f"{metrics['epochs_run']} epochs"
+def _final_finished(metrics: dict) -> str:
+    return f"finished: test NDCG@10 {metrics['test']['ndcg@10']:.4f} at epoch {metrics['best_epoch']}"
+
+
+def _timing_finished(metrics: dict) -> str:
     return f"finished: {seconds_per_epoch(metrics):.1f} s/epoch"
 
 
@@ -191,11 +189,7 @@ def comparison_table(finals: dict, differences: dict, refused: dict, seconds: di
              "|---|---|---|---|---|---|---|---|---|"]
     for model, (_, metrics) in finals.items():
         test = metrics["test"]
-        if model in differences:
-            low, high = differences[model]["ci95"]
-            versus = f"{differences[model]['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
-        else:
-            versus = "-"
+        versus = format_difference(differences[model]) if model in differences else "-"
         lines.append(f"| {NAMES[model]} | {test['ndcg@10']:.4f} | {test['ndcg@5']:.4f} | {test['mrr@10']:.4f} | "
                      f"{metrics['valid']['ndcg@10']:.4f} | {versus} | {seconds[model]:.1f} | "
                      f"{metrics['best_epoch']} / {metrics['epochs_run']} | {paper_number(model, dataset) or 'none'} |")
@@ -221,9 +215,7 @@ def _records(args, finals: dict, differences: dict, seconds: dict, dataset: str)
             details["the paper's own number (its protocol)"] = paper_number(model, dataset)
         reference = None
         if model in differences:
-            low, high = differences[model]["ci95"]
-            mean = differences[model]["mean"]
-            details["minus CAMMSR, paired 95% interval"] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+            details["minus CAMMSR, paired 95% interval"] = format_difference(differences[model])
             reference = {"name": "CAMMSR, same comparison", "value": round(finals["cammsr"][1]["test"]["ndcg@10"], 4)}
         write_record(f"{args.record_prefix}_{model}", area=f"Model comparison: {folder}",
                      claim=f"{NAMES[model]} on {folder}, tuned on validation, test", metric="test NDCG@10",

@@ -44,6 +44,18 @@ def excludes_history(run_dir) -> bool:
     return load_config(Path(run_dir) / "config.yaml", world_size=1).eval.exclude_history
 
 
+def paired_against(reference, runs: dict, data_dir, split: str = "test") -> dict[str, dict]:
+    """Each named run's per-user NDCG@10 on `split` minus the reference run's (`paired_difference`)."""
+    anchor = per_user_ndcg(reference, data_dir, split)
+    return {name: paired_difference(per_user_ndcg(run, data_dir, split), anchor) for name, run in runs.items()}
+
+
+def format_difference(difference: dict) -> str:
+    """"+0.0143 [+0.0072, +0.0216]": a paired difference's mean and 95% interval, as tables and records print it."""
+    low, high = difference["ci95"]
+    return f"{difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> dict:
     """Mean of a - b, its standard error, a percentile-bootstrap 95% interval and the share of resamples <= 0."""
     difference = a - b

@@ -21,6 +21,7 @@ import itertools
 from pathlib import Path
 
 from benchmarks.machine import describe_machine
+from benchmarks.paired_comparison import format_difference, paired_against
 from benchmarks.training_runs import train_or_resume
 
 # Table V, Beauty columns (NDCG@10, MRR@10), as printed in the paper.
@@ -107,21 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in settings.items():
         folders[name] = args.run_dir / name.replace(" ", "_").replace("/", "").replace("%", "pct").replace("+", "")
         results[name] = train_or_resume(args.data, args.config, folders[name], [*args.overrides, *extra])
-    differences = paired_to_first(folders, args.data) if args.study == "ablations" else {}
+    differences = {}
+    if args.study == "ablations":  # each setting paired per user with the first, the config as it is
+        (_, full), *others = folders.items()
+        differences = paired_against(full, dict(others), args.data)
     table = study_table(results, PAPER_NOISE_BEAUTY if args.study == "noise" else {}, differences)
     print(f"\n{args.study} study, {args.data}; {describe_machine()}\n")
     print(table)
     if args.record:
         _record(args, results, differences)
     return 0
-
-
-def paired_to_first(folders: dict[str, Path], data: str) -> dict[str, dict]:
-    """Each later setting's per-user test NDCG@10 minus the first's (paired_comparison.paired_difference)."""
-    from benchmarks.paired_comparison import paired_difference, per_user_ndcg
-    (first, first_run), *others = folders.items()
-    reference = per_user_ndcg(first_run, data, "test")
-    return {name: paired_difference(per_user_ndcg(run, data, "test"), reference) for name, run in others}
 
 
 def study_table(results: dict[str, dict], paper: dict[str, tuple], differences: dict[str, dict] | None = None) -> str:
@@ -138,18 +134,12 @@ def study_table(results: dict[str, dict], paper: dict[str, tuple], differences: 
         change = (test["ndcg@10"] - reference) / reference * 100
         recorded = paper.get(name)
         paper_cell = f"{recorded[0]:.4f} / {recorded[1]:.4f}" if recorded else "-"
-        interval = [_interval(differences.get(name))] if differences else []
+        interval = [format_difference(differences[name]) if name in differences else "-"] if differences else []
         lines.append("| " + " | ".join([name, f"{test['ndcg@10']:.4f}", f"{test['mrr@10']:.4f}", f"{change:+.1f}%",
                                         *interval, f"{valid['ndcg@10']:.4f}",
                                         f"{metrics['best_epoch']} / {metrics['epochs_run']}", paper_cell]) + " |")
     return "\n".join(lines)
 
-
-def _interval(difference: dict | None) -> str:
-    if difference is None:
-        return "-"
-    low, high = difference["ci95"]
-    return f"{difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _record(args, results: dict[str, dict], differences: dict[str, dict]) -> None:
@@ -163,7 +153,7 @@ def _record(args, results: dict[str, dict], differences: dict[str, dict]) -> Non
                  metric="test NDCG@10", ours=round(results[first]["test"]["ndcg@10"], 4),
                  reference={"name": last, "value": round(results[last]["test"]["ndcg@10"], 4)},
                  details={name: round(m["test"]["ndcg@10"], 4) if name not in differences
-                          else f"{m['test']['ndcg@10']:.4f}, paired {_interval(differences[name])}"
+                          else f"{m['test']['ndcg@10']:.4f}, paired {format_difference(differences[name])}"
                           for name, m in results.items()}, command=command)
 
 

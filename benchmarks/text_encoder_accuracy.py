@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.paired_comparison import paired_difference, per_user_ndcg
+from benchmarks.paired_comparison import format_difference, paired_difference, per_user_ndcg
 from benchmarks.training_runs import train_or_resume
 
 SHARED = ("manifest.json", "items", "users")
@@ -70,9 +70,7 @@ def _record(args, metrics: dict, comparison: dict) -> None:
                         f"--run-dir {args.run_dir}", f"--record {args.record}", *args.overrides])
     details = {}
     for split in ("valid", "test"):
-        low, high = comparison[split]["ci95"]
-        details[f"{split}: {args.encoder} minus default, paired 95% interval"] = (
-            f"{comparison[split]['mean']:+.4f} [{low:+.4f}, {high:+.4f}]")
+        details[f"{split}: {args.encoder} minus default, paired 95% interval"] = format_difference(comparison[split])
     details["valid NDCG@10"] = (f"{metrics[args.encoder]['valid']['ndcg@10']:.4f} vs "
                                 f"{metrics['default']['valid']['ndcg@10']:.4f}")
     details["best epoch"] = f"{metrics[args.encoder]['best_epoch']} vs {metrics['default']['best_epoch']}"
