@@ -1,6 +1,7 @@
 """`cammsr tune` on the trainer tests' tiny dataset: bad spaces stop before any trial, a parallel study writes its
 best config and plots and never ranks test, a second run continues the study, an interrupted trial continues from
-its checkpoint, the pruner stops trials on their validation curve."""
+its checkpoint, a continued study proposes new parameters, a repeated configuration is neither trained nor counted,
+the pruner stops trials on their validation curve."""
 import json
 import os
 import re
@@ -138,6 +139,39 @@ def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config
     metrics = json.loads((study / "trials" / "trial_0000" / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["history"]] == list(range(40))  # continued, not restarted
     assert metrics["test"] is None
+
+
+def test_a_continued_study_proposes_new_parameters(dataset, base_config, tmp_path):
+    """Each start of the study draws from a stream of its own: seeded as at the first start, a continued study
+    would propose its first trials' parameters again."""
+    space, study = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None,
+                                       "pruner:warmup_rounds": None}), tmp_path / "study"
+    _tune(dataset, base_config, space, study, "--trials", "1")
+    _tune(dataset, base_config, space, study, "--trials", "2")
+    first, second = _trials(study)
+    assert first["params"] != second["params"] and second["repeat_of"] is None
+
+
+def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base_config, tmp_path):
+    import optuna
+    space = _space(tmp_path, **{"params:train.lr": None, "params:model.hidden_dropout": None,
+                                "params:num_layers": None, "pruner:kind": "none", "pruner:startup_trials": None,
+                                "pruner:warmup_rounds": None})  # two configurations: 8 or 16 negatives
+    study = tmp_path / "study"
+    _tune(dataset, base_config, space, study, "--trials", "1")
+    (first,) = _trials(study)
+    optuna.load_study(study_name="cammsr", storage=f"sqlite:///{study / 'study.db'}").enqueue_trial(first["params"])
+    out = _tune(dataset, base_config, space, study, "--trials", "2")
+    trials = _trials(study)
+    repeated = trials[1]
+    assert repeated["repeat_of"] == 0 and repeated["value"] == first["value"] and repeated["epochs_run"] is None
+    assert "the parameters of trial 0: not trained again, not counted" in out
+    assert not (study / "trials" / "trial_0001").exists()
+    counted = [t for t in trials if t["repeat_of"] is None]
+    assert sorted(t["params"]["train.num_negatives"] for t in counted) == [8, 16]
+    assert "2 distinct configurations finished" in out
+    with pytest.raises(ConfigError, match="holds only 2 distinct configurations"):
+        run_study(dataset, base_config, space, study, 3, 1, "test")
 
 
 def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config, tmp_path):

@@ -3,9 +3,11 @@
 The study lives in DIR/study.db (SQLite through Optuna's RDB storage): a finished trial is never lost, and running
 the same command again continues the study. A trial interrupted by a crash or a kill is marked failed and queued
 again with the same parameters; it continues from the last checkpoint of its run directory
-(DIR/trials/trial_NNNN, a normal run directory: config.yaml, metrics.json, TensorBoard events, checkpoints). Every
-trial trains with eval.test=never, so no test metric is computed during a study. Each validation round is reported
-to the pruner (median of the earlier trials at the same epoch, or a threshold), which may stop a weak trial early.
+(DIR/trials/trial_NNNN, a normal run directory: config.yaml, metrics.json, TensorBoard events, checkpoints).
+--trials counts distinct configurations: a proposal that repeats a finished trial's parameters takes that trial's
+result without training and is not counted. Every trial trains with eval.test=never, so no test metric is computed
+during a study. Each validation round is reported to the pruner (median of the earlier trials at the same epoch, or
+a threshold), which may stop a weak trial early.
 `--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads
 (the cores this process may use: taskset and cpusets count).
 
@@ -51,17 +53,34 @@ def _pruner(spec: dict):
 
 
 def _open_study(settings: dict, worker: int, storage=None):
+    import numpy as np
     import optuna
-    # each worker its own sampler stream: the same seed everywhere would propose the same first trials
-    sampler = optuna.samplers.TPESampler(seed=settings["space"].seed + 1000 * worker)
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage or _storage(settings["study_dir"]),
-                               direction="maximize", sampler=sampler, pruner=_pruner(settings["space"].pruner),
-                               load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage or _storage(settings["study_dir"]),
+                                direction="maximize", pruner=_pruner(settings["space"].pruner), load_if_exists=True)
+    # a sampler stream of its own for each worker and each start: a stream seeded as at the study's first start
+    # would propose the first trials' parameters again after every resume
+    started = len(study.get_trials(deepcopy=False))
+    seed = np.random.SeedSequence([settings["space"].seed, worker, started]).generate_state(1)[0]
+    study.sampler = optuna.samplers.TPESampler(seed=int(seed))
+    return study
+
+
+def _configuration(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _finished_configurations(study) -> dict:
+    """The first finished trial of each distinct parameter set (what --trials counts): a trial interrupted by a kill
+    continues as a new trial, and one that repeats a finished trial's parameters adds no configuration."""
+    first = {}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.name in _COUNTED and not trial.user_attrs.get("interrupted"):
+            first.setdefault(_configuration(trial.params), trial)
+    return first
 
 
 def _counted(study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state.name in _COUNTED and not t.user_attrs.get("interrupted"))
+    return len(_finished_configurations(study))
 
 
 def study_progress(study_dir: Path) -> dict | None:
@@ -93,6 +112,13 @@ def _objective(settings: dict):
 
     def objective(trial) -> float:
         values = {param.key: param.suggest(trial) for param in space.params}
+        earlier = None if "resume_of" in trial.user_attrs else \
+            _finished_configurations(trial.study).get(_configuration(values))
+        if earlier is not None:  # the same config trains to the same result: not trained again, not counted
+            trial.set_user_attr("repeat_of", earlier.number)
+            if earlier.state.name == "COMPLETE":
+                return earlier.value
+            raise optuna.TrialPruned(f"repeats trial {earlier.number} ({earlier.state.name.lower()})")
         origin = int(trial.user_attrs.get("resume_of", trial.number))
         run_dir = settings["study_dir"] / "trials" / f"trial_{origin:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
@@ -126,6 +152,8 @@ def _progress(settings: dict, started: float):
         done = _counted(study)
         total = settings["trials"]
         value = "" if trial.value is None else f" valid {settings['space'].metric} {trial.value:.4f}"
+        if "repeat_of" in trial.user_attrs:
+            value += f" (the parameters of trial {trial.user_attrs['repeat_of']}: not trained again, not counted)"
         best = study.best_trial if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
         elapsed = time.time() - started
         rate = elapsed / max(done - settings["done_at_start"], 1)
@@ -210,13 +238,16 @@ def _summarise(study, settings: dict) -> None:
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
              "epochs_run": t.user_attrs.get("epochs_run"), "best_epoch": t.user_attrs.get("best_epoch"),
              "run_dir": t.user_attrs.get("run_dir"), "interrupted": bool(t.user_attrs.get("interrupted")),
-             "resume_of": t.user_attrs.get("resume_of")} for t in study.get_trials(deepcopy=False)]
+             "resume_of": t.user_attrs.get("resume_of"), "repeat_of": t.user_attrs.get("repeat_of")}
+            for t in study.get_trials(deepcopy=False)]
     (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
     # the budget spent: a trial that continues an interrupted one counts the epochs before the interruption too
     epochs = sum(r["epochs_run"] or 0 for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
-    print(f"study {study_dir}: {len(rows)} trials ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-          f"{states['FAIL']} failed), {epochs} epochs trained -> {study_dir / 'trials.json'}")
+    configurations = (f"{_counted(study)} distinct configurations finished; {states['COMPLETE']} complete, "
+                      f"{states['PRUNED']} pruned, {states['FAIL']} failed trials")
+    print(f"study {study_dir}: {len(rows)} trials ({configurations}), {epochs} epochs trained -> "
+          f"{study_dir / 'trials.json'}")
     for note in _plots(study, study_dir / "plots", settings["space"].metric):
         print(f"  {note}")
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -227,8 +258,7 @@ def _summarise(study, settings: dict) -> None:
     cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
     header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
               f"{space.metric} {best.value:.4f} (best epoch {best.user_attrs.get('best_epoch')}).",
-              f"# {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed trials, "
-              f"{epochs} epochs trained in all; command: {settings['command']}",
+              f"# {configurations}, {epochs} epochs trained in all; command: {settings['command']}",
               "# Its parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items())]
     (study_dir / "best.yaml").write_text("\n".join(header) + "\n" + cfg.to_yaml())
     print(f"best: trial #{best.number}, valid {space.metric} {best.value:.4f}; {best.params} -> "
@@ -242,6 +272,10 @@ def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path
     if trials < 1 or parallel < 1:
         raise ConfigError(f"--trials {trials} and --parallel {parallel} must be >= 1")
     space, base = load_space(space_path, config, str(data))  # every bad key/value stops here, before any trial
+    configurations = space.configurations()
+    if configurations is not None and trials > configurations:
+        raise ConfigError(f"--trials {trials}: the space {space_path} holds only {configurations} distinct "
+                          "configurations")
     import optuna
     study_dir.mkdir(parents=True, exist_ok=True)
     lock = open(study_dir / ".tune.lock", "w")  # noqa: SIM115 -- held for the whole study
@@ -301,7 +335,7 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="base YAML config the space's values override")
     parser.add_argument("--space", required=True, type=Path, help="search space YAML")
     parser.add_argument("--study-dir", required=True, type=Path, help="where the study and its trials live")
-    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total")
+    parser.add_argument("--trials", type=int, default=20, help="distinct configurations the study should have finished in total")
     parser.add_argument("--parallel", type=int, default=1, help="worker processes running trials at once")
     parser.set_defaults(run=_run_tune)
     return parser

@@ -18,6 +18,7 @@ of the base config; the first that does not stops the study before any trial, na
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,16 @@ class Param:
         """The values whose validity stands for the whole range: the bounds, or every choice."""
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
+    def distinct_values(self) -> int | None:
+        """How many values the parameter can take; None for a continuous range."""
+        if self.choices is not None:
+            return len(set(map(json.dumps, self.choices)))
+        integer = isinstance(self.low, int) and isinstance(self.high, int)
+        step = self.step or (1 if integer else None)
+        if step is None:
+            return None
+        return int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -61,6 +72,11 @@ class SearchSpace:
     def overrides(self, values: dict) -> list[str]:
         """`key=value` overrides of the fixed values and a trial's sampled `values` (JSON is valid YAML)."""
         return [f"{key}={json.dumps(value)}" for key, value in {**self.fixed, **values}.items()]
+
+    def configurations(self) -> int | None:
+        """How many distinct configurations the space holds; None when a parameter is continuous."""
+        counts = [param.distinct_values() for param in self.params]
+        return None if None in counts else math.prod(counts)
 
     def fingerprint_payload(self) -> dict:
         return {"metric": self.metric, "seed": self.seed, "pruner": self.pruner, "fixed": self.fixed,
