@@ -1,6 +1,6 @@
 """One training run of a benchmark that continues where it stopped: a finished run (metrics.json with test metrics)
-is reused, an interrupted one resumed from its latest checkpoint, a new one started (`cammsr train` as a
-subprocess, its output shown)."""
+is reused when it was trained from the config asked for, an interrupted one resumed from its latest checkpoint, a
+new one started (`cammsr train` as a subprocess, its output shown)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from train.checkpoint import config_changes
+from train.config import load_config
+
 
 def train_or_resume(data: str, config: str | None, run_dir: Path, overrides: list[str]) -> dict:
     """The run's metrics.json once it has finished."""
     metrics = run_dir / "metrics.json"
     if metrics.is_file() and json.loads(metrics.read_text()).get("test") is not None:
+        finished = json.loads(metrics.read_text())
+        _refuse_another_config(run_dir, finished, data, config, overrides)
         print(f"{run_dir}: finished, reused", flush=True)
-        return json.loads(metrics.read_text())
+        return finished
     resume = (run_dir / "checkpoints" / "latest").is_file()
     command = [sys.executable, "-m", "train.command", "--data", data, "--run-dir", str(run_dir),
                *(["--config", config] if config else []), *(["--resume"] if resume else []), *overrides]
@@ -22,3 +29,17 @@ def train_or_resume(data: str, config: str | None, run_dir: Path, overrides: lis
     if subprocess.run(command).returncode != 0:
         raise SystemExit(f"training {run_dir} failed (its output is above)")
     return json.loads(metrics.read_text())
+
+
+def _refuse_another_config(run_dir: Path, finished: dict, data: str, config: str | None, overrides: list[str]) -> None:
+    """A finished run trained from another config (say, a study whose best trial changed since) is not reused."""
+    wanted = load_config(config, [f"data.path={data}", *overrides])
+    if finished.get("config_fingerprint") == wanted.fingerprint():
+        return
+    saved, asked = yaml.safe_load((run_dir / "config.yaml").read_text()), wanted.to_dict()
+    if asked["model"]["category_levels"] is None:  # the trainer reads it from the dataset and writes it down
+        asked["model"]["category_levels"] = saved["model"].get("category_levels")
+    changed = config_changes(saved, asked)
+    if changed:
+        raise SystemExit(f"{run_dir} finished with another config than {config or 'the defaults'} (changed keys: "
+                         + "; ".join(changed[:10]) + "): move it aside to train this one")

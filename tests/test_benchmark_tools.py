@@ -1,5 +1,6 @@
 """The per-step and per-validation benchmark tools on a real (tiny) trainer: step_ops attributes every forward op
-once, per model part and times the step; eval_time validates every user; accuracy_table reads a run's metrics."""
+once, per model part and times the step; eval_time validates every user; accuracy_table reads a run's metrics; a
+finished benchmark run is reused only for its own config; the resumable benchmark commands run and continue."""
 import json
 import re
 import subprocess
@@ -74,6 +75,19 @@ def test_accuracy_table_reads_a_real_run_in_the_chosen_metrics_with_its_curve(da
     unknown = subprocess.run([PY, "-m", "benchmarks.accuracy_table", "--metrics", "ndcg@11", f"x={run_dir}"],
                              cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "no test ndcg@11" in unknown.stderr
+
+
+def test_a_finished_run_is_reused_only_for_the_config_it_was_trained_from(data, tmp_path, monkeypatch):
+    """A benchmark's finished run stands for its config: asked for another (a study whose best trial changed since),
+    it is refused by name, not reused; the model fills its category levels from the data, which is no change."""
+    from benchmarks.training_runs import train_or_resume
+    monkeypatch.chdir(ROOT)
+    run, overrides = tmp_path / "run", [*TINY, "train.max_epochs=1"]
+    first = train_or_resume(str(data), "configs/tiny.yaml", run, overrides)
+    assert first["test"] is not None and train_or_resume(str(data), "configs/tiny.yaml", run, overrides) == first
+    with pytest.raises(SystemExit, match=rf"^{run} finished with another config than configs/tiny.yaml \(changed "
+                                         r"keys: train\.lr: [\d.e-]+ -> 0\.05\): move it aside"):
+        train_or_resume(str(data), "configs/tiny.yaml", run, [*overrides, "train.lr=0.05"])
 
 
 def test_paper_study_settings_are_valid_configs():
