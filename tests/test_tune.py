@@ -170,6 +170,7 @@ def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base
     counted = [t for t in trials if t["repeat_of"] is None]
     assert sorted(t["params"]["train.num_negatives"] for t in counted) == [8, 16]
     assert "2 distinct configurations finished" in out
+    assert "Best trial #1 " not in (study / "best.yaml").read_text()  # a repeat never stands for its config
     with pytest.raises(ConfigError, match="holds only 2 distinct configurations"):
         run_study(dataset, base_config, space, study, 3, 1, "test")
 

@@ -83,6 +83,12 @@ def _counted(study) -> int:
     return len(_finished_configurations(study))
 
 
+def _best_trial(study):
+    """The complete trial of the best value (the earliest of equal ones, not a repeat of it), or None."""
+    complete = [t for t in _finished_configurations(study).values() if t.state.name == "COMPLETE"]
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
 def study_progress(study_dir: Path) -> dict | None:
     """{"counted": finished trials as --trials counts them, "best": the best complete trial's value or None} of the
     study in study_dir, read without running anything; None when it has no study yet."""
@@ -154,7 +160,7 @@ def _progress(settings: dict, started: float):
         value = "" if trial.value is None else f" valid {settings['space'].metric} {trial.value:.4f}"
         if "repeat_of" in trial.user_attrs:
             value += f" (the parameters of trial {trial.user_attrs['repeat_of']}: not trained again, not counted)"
-        best = study.best_trial if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
+        best = _best_trial(study)
         elapsed = time.time() - started
         rate = elapsed / max(done - settings["done_at_start"], 1)
         eta = max(total - done, 0) * rate / settings["parallel"]
@@ -233,7 +239,6 @@ def _plots(study, out: Path, metric: str) -> list[str]:
 
 
 def _summarise(study, settings: dict) -> None:
-    from optuna.trial import TrialState
     study_dir = settings["study_dir"]
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
              "epochs_run": t.user_attrs.get("epochs_run"), "best_epoch": t.user_attrs.get("best_epoch"),
@@ -250,10 +255,10 @@ def _summarise(study, settings: dict) -> None:
           f"{study_dir / 'trials.json'}")
     for note in _plots(study, study_dir / "plots", settings["space"].metric):
         print(f"  {note}")
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    best = _best_trial(study)
+    if best is None:
         print("no complete trial yet: no best config written")
         return
-    best = study.best_trial
     space: SearchSpace = settings["space"]
     cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
     header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
