@@ -1,7 +1,7 @@
 """`cammsr tune` on the trainer tests' tiny dataset: bad spaces stop before any trial, a parallel study writes its
 best config and plots and never ranks test, a second run continues the study, an interrupted trial continues from
-its checkpoint, a continued study proposes new parameters, a repeated configuration is neither trained nor counted,
-the pruner stops trials on their validation curve."""
+its checkpoint, a stopped study leaves its best config and continues with new parameters, a repeated configuration is
+neither trained nor counted, the pruner stops trials on their validation curve."""
 import json
 import os
 import re
@@ -141,15 +141,27 @@ def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config
     assert metrics["test"] is None
 
 
-def test_a_continued_study_proposes_new_parameters(dataset, base_config, tmp_path):
-    """Each start of the study draws from a stream of its own: seeded as at the first start, a continued study
-    would propose its first trials' parameters again."""
+def test_a_stopped_study_leaves_its_best_config_and_continues_with_new_parameters(dataset, base_config, tmp_path):
+    """trials.json and best.yaml follow every trial, so a study killed mid-way leaves its current best; each start
+    draws from a sampler stream of its own (seeded as at the first start, a continued study would propose its first
+    trials' parameters again)."""
     space, study = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None,
                                        "pruner:warmup_rounds": None}), tmp_path / "study"
-    _tune(dataset, base_config, space, study, "--trials", "1")
-    _tune(dataset, base_config, space, study, "--trials", "2")
-    first, second = _trials(study)
-    assert first["params"] != second["params"] and second["repeat_of"] is None
+    proc = _tune(dataset, base_config, space, study, "--trials", "2", start_new_session=True)
+    deadline = time.time() + 180
+    while not (study / "trials" / "trial_0001").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (first,) = _trials(study)
+    assert first["state"] == "COMPLETE" and "Best trial #0 " in (study / "best.yaml").read_text()
+
+    _tune(dataset, base_config, space, study, "--trials", "3")
+    trials = _trials(study)
+    assert [t["state"] for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"] and trials[2]["resume_of"] == 1
+    assert len({json.dumps(t["params"], sort_keys=True) for t in trials if not t["interrupted"]}) == 3
+    assert all(t["repeat_of"] is None for t in trials)
 
 
 def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base_config, tmp_path):

@@ -11,8 +11,9 @@ a threshold), which may stop a weak trial early.
 `--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads
 (the cores this process may use: taskset and cpusets count).
 
-At the end: DIR/best.yaml (the best trial's config, ready for `cammsr train --config`), DIR/trials.json (every
-trial's state, value and parameters) and DIR/plots/*.png (history, parameter importance, validation curves).
+After every trial: DIR/best.yaml (the best trial's config, ready for `cammsr train --config`) and DIR/trials.json
+(every trial's state, value and parameters); at the end also DIR/plots/*.png (history, parameter importance,
+validation curves).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import warnings
 from pathlib import Path
 
 from data_shards.problems import DataError
+from train.checkpoint import atomic_write_text
 from train.config import ConfigError, load_config
 from train.tune_space import SearchSpace, load_space
 
@@ -167,6 +169,7 @@ def _progress(settings: dict, started: float):
         print(f"trial {trial.number} {trial.state.name.lower()}{value}; {done}/{total} trials done; best "
               + (f"#{best.number} {best.value:.4f}" if best else "none yet")
               + f"; {rate / 60:.1f} min/trial, ETA {eta / 60:.0f} min", flush=True)
+        _write_results(study, settings)
         if done >= total:
             study.stop()
     return callback
@@ -238,35 +241,45 @@ def _plots(study, out: Path, metric: str) -> list[str]:
     return notes
 
 
-def _summarise(study, settings: dict) -> None:
+def _write_results(study, settings: dict) -> dict:
+    """DIR/trials.json and DIR/best.yaml as the study stands; rewritten after every trial (atomically, since parallel
+    workers write them too), so a study stopped at any point leaves its current best config."""
     study_dir = settings["study_dir"]
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
              "epochs_run": t.user_attrs.get("epochs_run"), "best_epoch": t.user_attrs.get("best_epoch"),
              "run_dir": t.user_attrs.get("run_dir"), "interrupted": bool(t.user_attrs.get("interrupted")),
              "resume_of": t.user_attrs.get("resume_of"), "repeat_of": t.user_attrs.get("repeat_of")}
             for t in study.get_trials(deepcopy=False)]
-    (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
+    atomic_write_text(study_dir / "trials.json", json.dumps(rows, indent=1))
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
     # the budget spent: a trial that continues an interrupted one counts the epochs before the interruption too
     epochs = sum(r["epochs_run"] or 0 for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
     configurations = (f"{_counted(study)} distinct configurations finished; {states['COMPLETE']} complete, "
                       f"{states['PRUNED']} pruned, {states['FAIL']} failed trials")
-    print(f"study {study_dir}: {len(rows)} trials ({configurations}), {epochs} epochs trained -> "
-          f"{study_dir / 'trials.json'}")
+    best = _best_trial(study)
+    if best is not None:
+        space: SearchSpace = settings["space"]
+        cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
+        header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
+                  f"{space.metric} {best.value:.4f} (best epoch {best.user_attrs.get('best_epoch')}).",
+                  f"# {configurations}, {epochs} epochs trained in all; command: {settings['command']}",
+                  "# Its parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items())]
+        atomic_write_text(study_dir / "best.yaml", "\n".join(header) + "\n" + cfg.to_yaml())
+    return {"trials": len(rows), "configurations": configurations, "epochs": epochs, "best": best}
+
+
+def _summarise(study, settings: dict) -> None:
+    study_dir = settings["study_dir"]
+    results = _write_results(study, settings)
+    print(f"study {study_dir}: {results['trials']} trials ({results['configurations']}), {results['epochs']} epochs "
+          f"trained -> {study_dir / 'trials.json'}")
     for note in _plots(study, study_dir / "plots", settings["space"].metric):
         print(f"  {note}")
-    best = _best_trial(study)
+    best = results["best"]
     if best is None:
         print("no complete trial yet: no best config written")
         return
-    space: SearchSpace = settings["space"]
-    cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
-    header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
-              f"{space.metric} {best.value:.4f} (best epoch {best.user_attrs.get('best_epoch')}).",
-              f"# {configurations}, {epochs} epochs trained in all; command: {settings['command']}",
-              "# Its parameters: " + ", ".join(f"{k}={v}" for k, v in best.params.items())]
-    (study_dir / "best.yaml").write_text("\n".join(header) + "\n" + cfg.to_yaml())
-    print(f"best: trial #{best.number}, valid {space.metric} {best.value:.4f}; {best.params} -> "
+    print(f"best: trial #{best.number}, valid {settings['space'].metric} {best.value:.4f}; {best.params} -> "
           f"{study_dir / 'best.yaml'}")
 
 
