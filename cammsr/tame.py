@@ -61,6 +61,8 @@ Eq. 17    L = L_CE + tame_cl_weight * L_CL (Eq. 17: weight 1).
 from __future__ import annotations
 
 import math
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,6 +261,7 @@ class TAME(SequentialRecommender):
                             block_norm_factory=lambda: nn.LayerNorm(d, eps=cfg.layer_norm_eps))
             for _ in cfg.modalities)
         self._id_index = cfg.modalities.index("id")
+        self._kept_layout = None
         init_weights_(self, cfg.init_method)
 
     def fit_feature_statistics(self, text_table=None, image_table=None) -> None:
@@ -284,20 +287,17 @@ class TAME(SequentialRecommender):
             retrieved[modality] = vectors * has_tokens[:, None, None].to(vectors.dtype)
         return retrieved
 
-    def retrieve_by_length(self, id_rows: torch.Tensor, tokens: dict[str, torch.Tensor | None]
-                           ) -> dict[str, torch.Tensor]:
+    def retrieve_by_length(self, id_rows: torch.Tensor, tokens: dict[str, torch.Tensor | None],
+                           catalogue: bool = False) -> dict[str, torch.Tensor]:
         """`retrieve` on tame_item_chunk_size items at a time, taken in order of their token count, each chunk's
         token axis cut after its longest item's last token: the padding a chunk drops is work the keys' projection
         and the attention no longer do (Beauty's titles: 31 tokens on average, padded to 64), and attention over
-        masked keys is the same with them or without."""
+        masked keys is the same with them or without. `catalogue`: the tables are the catalogue's, whose masks
+        and order are kept for the next call on the very same tables (see _length_layout)."""
         present = {m: tokens[m] for m in self.content if tokens.get(m) is not None}
-        masks = {m: token_mask(rows) for m, rows in present.items()}
         if len(present) < len(self.content) or id_rows.shape[0] == 0:
-            return self.retrieve(id_rows, tokens, masks)
-        extents = {m: (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).amax(dim=-1)
-                   for m, mask in masks.items()}
-        order = sum(extents.values()).argsort()
-        ordered = {m: extents[m][order].tolist() for m in present}  # one host copy, not a device sync per chunk
+            return self.retrieve(id_rows, tokens)
+        masks, order, ordered = self._length_layout(present, catalogue)
         parts, size = [], self.cfg.tame_item_chunk_size
         for start in range(0, order.shape[0], size):
             index = order[start: start + size]
@@ -306,6 +306,26 @@ class TAME(SequentialRecommender):
                                        {m: masks[m][index, :widths[m]] for m in present}))
         restore = order.argsort()
         return {m: torch.cat([part[m] for part in parts])[restore] for m in self.content}
+
+    def _length_layout(self, tokens: dict[str, torch.Tensor], keep: bool) -> tuple[dict, torch.Tensor, dict]:
+        """The token masks, the items in order of token count and each modality's extents in that order. With
+        `keep`, the layout is reused while the same table objects come back unchanged (same in-place version): a
+        full-softmax step passes the catalogue's frozen tables every time, and their masks read every token of every
+        item, a large part of the retrieval's cost on a CPU. Weak references: the cache holds no table alive."""
+        versions = {m: rows._version for m, rows in tokens.items()}
+        kept = self._kept_layout if keep else None
+        if kept is not None and kept[0].keys() == tokens.keys() and kept[1] == versions \
+                and all(kept[0][m]() is tokens[m] for m in tokens):
+            return kept[2]
+        masks = {m: token_mask(rows) for m, rows in tokens.items()}
+        extents = {m: (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).amax(dim=-1)
+                   for m, mask in masks.items()}
+        order = sum(extents.values()).argsort()
+        ordered = {m: extents[m][order].tolist() for m in tokens}  # one host copy, not a device sync per chunk
+        layout = (masks, order, ordered)
+        if keep:
+            self._kept_layout = ({m: weakref.ref(rows) for m, rows in tokens.items()}, versions, layout)
+        return layout
 
     def _enrich(self, id_rows: torch.Tensor, retrieved: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -321,7 +341,7 @@ class TAME(SequentialRecommender):
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """Eq. 14's item side, [N + 1, M, d]: (ID candidate, e^t, e^v), retrieved by `retrieve_by_length`."""
-        retrieved = self.retrieve_by_length(id_rows, {"text": text_rows, "image": image_rows})
+        retrieved = self.retrieve_by_length(id_rows, {"text": text_rows, "image": image_rows}, catalogue=True)
         return torch.stack([self._id_candidates(id_rows, retrieved) if m == "id"
                             else self.aggregations[m](retrieved[m]) for m in self.cfg.modalities], dim=-2)
 

@@ -261,6 +261,26 @@ def test_chunks_are_taken_by_token_count_and_cut_after_their_longest_item(monkey
             catalogue.id_table, {"text": catalogue.text, "image": catalogue.image}).items())], dim=-2))
 
 
+def test_the_catalogues_masks_and_order_are_kept_while_its_tables_stay_the_same(monkeypatch):
+    import cammsr.tame
+    model, catalogue = make(tame_item_chunk_size=4, **EXACT)
+    uncached, _ = make(tame_item_chunk_size=4, **EXACT)
+    uncached.load_state_dict(model.state_dict())
+    model.eval(), uncached.eval()
+    masked = []
+    monkeypatch.setattr(cammsr.tame, "token_mask", lambda rows: masked.append(rows.shape) or rows.any(-1))
+    first = catalogue.candidates(model)
+    torch.testing.assert_close(catalogue.candidates(model), first)
+    assert len(masked) == 2  # text and image, once: the second call reused them
+    catalogue.text[5] = 0.0  # changed in place: computed again, and item 5 now retrieves no text
+    changed = catalogue.candidates(model)
+    assert len(masked) == 4 and changed[5, 1].abs().sum() == 0
+    torch.testing.assert_close(changed, catalogue.candidates(uncached))
+    catalogue.image = catalogue.image.clone()  # another table: computed again
+    catalogue.candidates(model)
+    assert len(masked) == 8
+
+
 def test_standardisation_folded_into_the_keys_equals_retrieving_standardised_tokens():
     model, catalogue = make(feature_normalization="standardize", **EXACT)
     model.fit_feature_statistics(catalogue.text, catalogue.image)
