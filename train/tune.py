@@ -353,7 +353,8 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="base YAML config the space's values override")
     parser.add_argument("--space", required=True, type=Path, help="search space YAML")
     parser.add_argument("--study-dir", required=True, type=Path, help="where the study and its trials live")
-    parser.add_argument("--trials", type=int, default=20, help="distinct configurations the study should have finished in total")
+    parser.add_argument("--trials", type=int, default=20,
+                        help="distinct configurations the study should have finished in total")
     parser.add_argument("--parallel", type=int, default=1, help="worker processes running trials at once")
     parser.set_defaults(run=_run_tune)
     return parser
