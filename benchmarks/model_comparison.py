@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--config")
     parser.add_argument("--spaces", type=Path, required=True, help="a folder with one search space per model")
-    parser.add_argument("--trials", type=int, default=4, help="finished trials per model (the same for each)")
+    parser.add_argument("--trials", type=int, default=4, help="distinct configurations tried per model (the same for each)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<model>.json per model")
