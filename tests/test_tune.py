@@ -172,14 +172,19 @@ def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base
     study = tmp_path / "study"
     _tune(dataset, base_config, space, study, "--trials", "1")
     (first,) = _trials(study)
-    optuna.load_study(study_name="cammsr", storage=f"sqlite:///{study / 'study.db'}").enqueue_trial(first["params"])
+    optuna_study = optuna.load_study(study_name="cammsr", storage=f"sqlite:///{study / 'study.db'}")
+    optuna_study.enqueue_trial(first["params"])
+    # trial 1 repeats trial 0 and is left running, as by a kill: its continuation is not trained
+    optuna_study.ask().suggest_categorical("train.num_negatives", [8, 16])
+    optuna_study.enqueue_trial(first["params"])  # trial 2 repeats it too (the continuation is queued after it)
     out = _tune(dataset, base_config, space, study, "--trials", "2")
     trials = _trials(study)
-    repeated = trials[1]
-    assert repeated["repeat_of"] == 0 and repeated["value"] == first["value"] and repeated["epochs_run"] is None
-    assert "the parameters of trial 0: not trained again, not counted" in out
-    assert not (study / "trials" / "trial_0001").exists()
-    counted = [t for t in trials if t["repeat_of"] is None]
+    assert trials[1]["interrupted"] and trials[2]["resume_of"] is None and trials[3]["resume_of"] == 1
+    for repeated in trials[2:4]:
+        assert repeated["repeat_of"] == 0 and repeated["value"] == first["value"] and repeated["epochs_run"] is None
+    assert out.count("the parameters of trial 0: not trained again, not counted") >= 2
+    assert not (study / "trials" / "trial_0001").exists() and not (study / "trials" / "trial_0002").exists()
+    counted = [t for t in trials if t["repeat_of"] is None and not t["interrupted"]]
     assert sorted(t["params"]["train.num_negatives"] for t in counted) == [8, 16]
     assert "2 distinct configurations finished" in out
     assert "Best trial #1 " not in (study / "best.yaml").read_text()  # a repeat never stands for its config

@@ -120,8 +120,8 @@ def _objective(settings: dict):
 
     def objective(trial) -> float:
         values = {param.key: param.suggest(trial) for param in space.params}
-        earlier = None if "resume_of" in trial.user_attrs else \
-            _finished_configurations(trial.study).get(_configuration(values))
+        # an interrupted trial is not finished, so its continuation matches only when it repeated a finished one
+        earlier = _finished_configurations(trial.study).get(_configuration(values))
         if earlier is not None:  # the same config trains to the same result: not trained again, not counted
             trial.set_user_attr("repeat_of", earlier.number)
             if earlier.state.name == "COMPLETE":
