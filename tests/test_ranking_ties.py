@@ -70,12 +70,23 @@ def tiny(tmp_path_factory):
     return data, cfg, model, items
 
 
-def _evaluate(tiny, weight, split="test", **options):
+def _evaluate(tiny, weight, split="test", chunk_size=7, **options):
     data, cfg, model, items = tiny
     table = TorchItemTable(weight, "exact_sgd", 0.1, 1e-8, torch.device("cpu"))
     local = LocalSequences(data, 0, 1)
     return evaluate(model, table, items, local, split, cfg.max_seq_len, 16, (5, 10), torch.device("cpu"),
-                    torch.float32, chunk_size=7, **options)
+                    torch.float32, chunk_size=chunk_size, **options)
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+@pytest.mark.parametrize("weights", ["tied", "distinct"])
+def test_a_catalogue_of_one_chunk_ranks_as_one_of_many_chunks(tiny, weights, exclude_history):
+    """One chunk is scored once (targets read and items counted on the same block), many chunks twice."""
+    data = tiny[0]
+    weight = (torch.zeros(data.num_items + 1, 8) if weights == "tied"
+              else torch.randn(data.num_items + 1, 8, generator=torch.Generator().manual_seed(2)))
+    one = _evaluate(tiny, weight, chunk_size=data.num_items + 1, exclude_history=exclude_history)
+    assert one == _evaluate(tiny, weight, exclude_history=exclude_history)
 
 
 def test_the_evaluator_gives_a_model_scoring_every_item_alike_the_random_expectation(tiny):

@@ -105,7 +105,9 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
     batches = list(eval_batches(local, split, max_len, batch_size, users))
     batches += [_dummy(max_len)] * (int(chunks) - len(batches))
     spans = list(_item_chunks(table.num_rows, chunk_size))
-    bar = progress_bar(len(batches) + 2 * len(spans), split, "chunk", progress)
+    # a catalogue of one chunk is scored once: its targets' scores are read from the block the counts are taken on
+    passes = (("read", "count"),) if len(spans) == 1 else (("read",), ("count",))
+    bar = progress_bar(len(batches) + len(passes) * len(spans), split, "chunk", progress)
 
     # 1. user vectors [U, M * d] (fp32), targets [U] and score offsets of this rank's real users
     vectors, targets, offsets = [], [], []
@@ -122,21 +124,16 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
     offset = None if offsets[0] is None else torch.cat(offsets)
     history = history_pairs(local, split, users, device) if exclude_history else None
 
-    # 2. the catalogue, chunk by chunk: pass 0 reads the targets' scores, pass 1 counts higher-scoring and tied items
-    cached = None
+    # 2. the catalogue, chunk by chunk: the targets' scores are read, then higher-scoring and tied items counted
     target_score = torch.zeros(user.shape[0], device=device)
     greater = torch.zeros(user.shape[0], dtype=torch.long, device=device)
     equal = torch.zeros(user.shape[0], dtype=torch.long, device=device)
     with torch.autocast(device_type=device.type, enabled=False):
-        for count_pass in (False, True):
+        for steps in passes:
             for start, end in spans:
-                if cached is None or cached[0] != start:
-                    ids = torch.arange(start, end, device=device)
-                    features = (None if t is None else t[start:end].to(dtype) for t in (items.text, items.image))
-                    rows = model.item_candidates(table.rows(ids).to(dtype), *features).flatten(1).float()
-                    cached = (start, rows) if len(spans) == 1 else None
-                else:
-                    rows = cached[1]
+                ids = torch.arange(start, end, device=device)
+                features = (None if t is None else t[start:end].to(dtype) for t in (items.text, items.image))
+                rows = model.item_candidates(table.rows(ids).to(dtype), *features).flatten(1).float()
                 for begin in range(0, user.shape[0], batch_size):
                     part = slice(begin, begin + batch_size)
                     scores = user[part] @ rows.T
@@ -144,14 +141,14 @@ def evaluate(model, table, items, local: LocalSequences, split: str, max_len: in
                         scores = scores + offset[part, None]
                     if history is not None:
                         _mask_history(scores, history, part, start, end)
-                    if count_pass:
-                        greater[part] += (scores > target_score[part, None]).sum(dim=1)
-                        equal[part] += (scores == target_score[part, None]).sum(dim=1)
-                    else:
+                    if "read" in steps:
                         inside = (target[part] >= start) & (target[part] < end)
                         column = (target[part] - start).clamp(0, end - start - 1)
                         target_score[part] = torch.where(inside, scores.gather(1, column[:, None]).squeeze(1),
                                                          target_score[part])
+                    if "count" in steps:
+                        greater[part] += (scores > target_score[part, None]).sum(dim=1)
+                        equal[part] += (scores == target_score[part, None]).sum(dim=1)
                 bar.update()
     bar.close()
     local = rank_tie_histogram(greater + 1, equal.clamp_min(1), max(ks))
