@@ -98,8 +98,8 @@ def study_progress(study_dir: Path) -> dict | None:
         return None
     import optuna
     study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(study_dir))
-    values = [t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    return {"counted": _counted(study), "best": max(values) if values else None}
+    best = _best_trial(study)
+    return {"counted": _counted(study), "best": None if best is None else best.value}
 
 
 def trial_overrides(settings: dict, values: dict) -> list[str]:
