@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -80,13 +82,53 @@ def full_softmax_cross_entropy(user: torch.Tensor, candidates: torch.Tensor, tar
         return (losses * weights).sum() / count
 
 
+def _csr(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: tuple[int, int]):
+    # column indices are unsorted and may repeat within a row (negatives are drawn with replacement): the sampled
+    # matmul and the CSR x dense product take each stored entry on its own, so the invariant check would only refuse
+    with warnings.catch_warnings():  # torch calls its CSR layout beta, once per process: nothing for a user to act on
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+        return torch.sparse_csr_tensor(crow_indices, col_indices, values, size, check_invariants=False)
+
+
+class _RowScores(torch.autograd.Function):
+    """scores [R, S] = user [R, D] . rows[index] with index [R, S] into rows [U, D], as the stored values of a sparse
+    [R, U] matrix: a sampled dense-dense matmul forward, CSR x dense backward. Neither the [R, U] score block nor the
+    [R, S, D] gathered rows is ever built: O(R S D) work in O(R S) memory, where scoring the whole block of distinct
+    rows is O(R U D) (U ~ 12,000 against S = 512 on Beauty), and a gather's backward is a scattered accumulation."""
+
+    @staticmethod
+    def forward(ctx, user, rows, index):
+        num_rows, per_row = index.shape
+        crow = torch.arange(0, index.numel() + 1, per_row, device=index.device)
+        col = index.reshape(-1)
+        pattern = _csr(crow, col, user.new_zeros(index.numel()), (num_rows, rows.shape[0]))
+        scores = torch.sparse.sampled_addmm(pattern, user, rows.T, beta=0.0).values().view(num_rows, per_row)
+        ctx.save_for_backward(user, rows, crow, col)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        user, rows, crow, col = ctx.saved_tensors
+        grad = grad_scores.reshape(-1)
+        grad_user = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            grad_user = _csr(crow, col, grad, (user.shape[0], rows.shape[0])) @ rows
+        if ctx.needs_input_grad[1]:
+            # the transposed pattern, [U, R]: entries grouped by the row of `rows` they read; entry p is user p // S's
+            order = torch.argsort(col, stable=True)
+            crow_by_item = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
+            crow_by_item[1:] = torch.bincount(col, minlength=rows.shape[0]).cumsum(0)
+            by_item = _csr(crow_by_item, order // grad_scores.shape[1], grad[order], (rows.shape[0], user.shape[0]))
+            grad_rows = by_item @ user
+        return grad_user, grad_rows, None
+
+
 def _per_row_scores(user: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """user [R, D] . rows[index] [R, S, D] -> [R, S]. When the distinct rows are fewer than S x D, scoring all of
-    them in one matmul and picking columns costs less than gathering R x S vectors (Beauty: 12k rows against
-    256 x 64); on huge catalogues, where nearly every draw is distinct, the gather is the smaller one."""
-    if rows.shape[0] * user.shape[0] <= index.numel() * user.shape[1]:
+    """user [R, D] . rows[index] [R, S, D] -> [R, S]. A table of no more rows than S (a small catalogue) is scored
+    whole: that block is no bigger than the sampled one (torch's sampled matmul refuses more entries than it holds)."""
+    if rows.shape[0] <= index.shape[1]:
         return (user @ rows.T).gather(1, index)
-    return torch.einsum("rd,rsd->rs", user, rows[index])
+    return _RowScores.apply(user, rows, index)
 
 
 def sampled_logits(user: torch.Tensor, target_vectors: torch.Tensor, targets: torch.Tensor,

@@ -76,12 +76,13 @@ def test_per_target_negatives_tiled_from_a_shared_set_give_the_shared_loss():
     tiled = shared.expand(5, -1)
     log_q = torch.log(torch.rand(6, generator=generator))
     one = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[shared], shared, log_q)
-    # the trainer's form, distinct rows + an index into them, by its two routes: the matmul over few distinct rows
+    # the trainer's form, distinct rows + an index into them, by its two routes: the whole block of a table of no
+    # more rows than negatives per row
     rows, index = torch.unique(tiled, return_inverse=True)
     each = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], tiled,
                                          log_q.expand(5, -1), negative_index=index)
     torch.testing.assert_close(one, each)
-    # ... and the gather, when the table holds more rows than S x D / R (extra rows the index never points at)
+    # ... and the sparse route of a larger table (rows the index never points at)
     padded = torch.cat([candidates, torch.randn(100, 8, generator=generator)])
     indexed = sampled_softmax_cross_entropy(user, candidates[targets], targets, padded, tiled, log_q.expand(5, -1),
                                             negative_index=tiled)
@@ -92,11 +93,34 @@ def test_per_target_negatives_tiled_from_a_shared_set_give_the_shared_loss():
     by_index = sampled_softmax_cross_entropy(user, candidates[targets], targets, candidates[rows], wide,
                                              negative_index=index)
     torch.testing.assert_close(by_rows, by_index)
-    table = torch.randn(2000, 8, generator=generator)  # more distinct rows than S x D / R: the gather route
+    table = torch.randn(2000, 8, generator=generator)
     few = torch.randint(0, 2000, (5, 6), generator=generator)
     torch.testing.assert_close(
         _row_by_row(user, candidates[targets], targets, table, few, few + 100),
         sampled_softmax_cross_entropy(user, candidates[targets], targets, table, few + 100, negative_index=few))
+
+
+def test_per_target_scores_have_the_gradients_of_the_gathered_dot_products():
+    """The sparse route's own backward against autograd through an explicit gather: repeated and unsorted
+    negatives in a row, rows no negative reads, and accidental hits (-inf, no gradient)."""
+    generator = torch.Generator().manual_seed(5)
+    table = torch.randn(40, 6, generator=generator, dtype=torch.float64)
+    user = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    targets = torch.tensor([3, 9, 9, 17])
+    index = torch.tensor([[5, 3, 5, 30], [9, 1, 0, 0], [2, 2, 2, 2], [39, 17, 8, 5]])
+    ids = index + 0  # the index is the id here: row 0's 3, row 1's 9 and row 3's 17 are accidental hits
+    grads = []
+    for route in ("sparse", "gather"):
+        u, t = user.clone().requires_grad_(), table.clone().requires_grad_()
+        if route == "sparse":
+            loss = sampled_softmax_cross_entropy(u, t[targets], targets, t, ids, negative_index=index)
+        else:
+            loss = _row_by_row(u, t[targets], targets, t, index, ids)
+        loss.backward()
+        grads.append((loss.detach(), u.grad, t.grad))
+    for sparse, gathered in zip(*grads):
+        torch.testing.assert_close(sparse, gathered)
+    assert grads[0][2][[4, 6, 7, 10]].abs().sum() == 0  # never read, not a target
 
 
 def test_gbce_matches_its_definition():
