@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODALITIES = ("id", "text", "image")
+MAX_SCORE_CHUNK = 1 << 24  # rankings count a chunk's higher-scoring items as fp32 sums of 0/1, exact up to 2**24
 
 _CHOICES = {
     "name": ("cammsr", "sasrec", "hm4sr", "findrec", "tame"),
@@ -155,7 +156,7 @@ class ModelConfig:
     # generalised BCE, calibration gbce_t: 0 = plain BCE, 1 = fully calibrated; gSASRec's default 0.75).
     loss_type: str = "full_softmax"
     gbce_t: float = 0.75
-    score_chunk_size: int = 65536  # items per chunk when scoring the catalogue
+    score_chunk_size: int = 65536  # items per chunk when scoring the catalogue (<= MAX_SCORE_CHUNK)
 
     # HM4SR (model.name=hm4sr, cammsr/hm4sr.py; its docstring maps the paper's equations and ambiguities). It also
     # reads hidden_size, max_seq_len, num_layers, num_heads, ffn_inner_size, the dropouts, modalities,
@@ -290,6 +291,8 @@ class ModelConfig:
                      "num_experts", "expert_hidden_multiplier", "score_chunk_size"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
+        if self.score_chunk_size > MAX_SCORE_CHUNK:
+            _fail("score_chunk_size", self.score_chunk_size, f"must be <= {MAX_SCORE_CHUNK:,}")
         if self.name != "sasrec":
             for name, default in (("block_style", "recbole"), ("position_from", "start")):
                 if getattr(self, name) != default:

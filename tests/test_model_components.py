@@ -332,6 +332,7 @@ def test_ranking_metric_sums_and_means():
     ({"hidden_dropout": 1.0}, "hidden_dropout"),
     ({"mscl_temperature": 0.0}, "mscl_temperature"),
     ({"category_pooling": "sum"}, "category_pooling"),
+    ({"score_chunk_size": 2 ** 24 + 1}, "score_chunk_size"),
 ])
 def test_config_rejects_impossible_settings_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}="):

@@ -89,6 +89,18 @@ def test_a_catalogue_of_one_chunk_ranks_as_one_of_many_chunks(tiny, weights, exc
     assert one == _evaluate(tiny, weight, exclude_history=exclude_history)
 
 
+@pytest.mark.parametrize("exclude_history", [False, True])
+@pytest.mark.parametrize("weights", ["tied", "distinct"])
+def test_score_blocks_of_a_few_users_rank_as_one_block(tiny, weights, exclude_history, monkeypatch):
+    """The catalogue chunk's scores are taken a few users at a time (history masks and target reads per block)."""
+    data = tiny[0]
+    weight = (torch.zeros(data.num_items + 1, 8) if weights == "tied"
+              else torch.randn(data.num_items + 1, 8, generator=torch.Generator().manual_seed(3)))
+    whole = _evaluate(tiny, weight, exclude_history=exclude_history)
+    monkeypatch.setattr("train.evaluate._SCORE_BLOCK_ELEMENTS", 7 * 5)  # chunks of 7 items: blocks of 5 users
+    assert _evaluate(tiny, weight, exclude_history=exclude_history) == whole
+
+
 def test_the_evaluator_gives_a_model_scoring_every_item_alike_the_random_expectation(tiny):
     data = tiny[0]
     got = _evaluate(tiny, torch.zeros(data.num_items + 1, 8))  # every candidate row 0: every score is 0
