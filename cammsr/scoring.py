@@ -242,9 +242,10 @@ def target_ranks(user: torch.Tensor, candidates: torch.Tensor, targets: torch.Te
 
 
 def count_higher_and_tied(scores: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of fp32 scores [R, C] (C <= 2**24, ModelConfig.score_chunk_size's bound): the columns scoring strictly higher than
-    reference [R] and those scoring equal, int64. The comparisons are written as 0/1 floats and summed, exact below
-    2**24 columns: summing a bool tensor first converts each element to int64, several times the comparison's cost."""
+    """Per row of fp32 scores [R, C] (C <= 2**24, ModelConfig.score_chunk_size's bound): the columns scoring
+    strictly higher than reference [R] and those scoring equal, int64. The comparisons are written as 0/1 floats and
+    summed, exact below 2**24 columns: summing a bool tensor first converts each element to int64, several times
+    the comparison's cost."""
     hits = torch.empty_like(scores)
     higher = torch.gt(scores, reference[:, None], out=hits).sum(dim=1).long()
     tied = torch.eq(scores, reference[:, None], out=hits).sum(dim=1).long()
