@@ -252,7 +252,7 @@ def test_a_trained_run_recommends_from_history_and_times_as_evaluation_ranks(tmp
     from launch.cli import main as cli_main
     from train.data import LocalSequences, eval_batches, eval_order
     from train.embeddings import TorchItemTable
-    from train.evaluate import evaluate, last_position
+    from train.evaluate import last_position
     from train.recommend import RunRecommender
     from train.step import model_inputs
     data, run = write_tiny_dataset(tmp_path / "tiny"), tmp_path / "run"
@@ -263,11 +263,10 @@ def test_a_trained_run_recommends_from_history_and_times_as_evaluation_ranks(tmp
     assert "aux " in proc.stdout + proc.stderr  # the epoch line reports the auxiliary tasks
     rec = RunRecommender(run)
     metrics = json.loads((run / "metrics.json").read_text())
+    assert rec.evaluate("test") == metrics["test"]
     cfg, local = rec.cfg, LocalSequences(rec.data, 0, 1)
     table = TorchItemTable(rec.id_rows, "exact_sgd", 0.1, 1e-8, rec.device)
     with rec.as_trained(), torch.no_grad():
-        assert evaluate(rec.model, table, rec.items, local, "test", cfg.model.max_seq_len, cfg.eval.batch_size,
-                        tuple(cfg.eval.ks), rec.device, rec.dtype) == metrics["test"]
         batch = next(eval_batches(local, "test", cfg.model.max_seq_len, cfg.eval.batch_size))
         output = last_position(rec.model(*model_inputs(batch, table.lookup(batch.item_seq)[0], rec.items,
                                                        rec.dtype)), batch.seq_len)

@@ -152,17 +152,9 @@ def test_stream_kill_resume_equals_uninterrupted(media_dataset, tiny_encoders, t
 
     # `cammsr recommend` on a stream run encodes the catalogue from the shards (no store exists) and reproduces the
     # run's own metrics
-    from train.data import LocalSequences
-    from train.embeddings import TorchItemTable
-    from train.evaluate import evaluate
     from train.recommend import RunRecommender
     rec = RunRecommender(full)
-    cfg, local = rec.cfg, LocalSequences(rec.data, 0, 1)
-    table = TorchItemTable(rec.id_rows, "exact_sgd", 0.1, 1e-8, rec.device)
-    with rec.as_trained(), torch.no_grad():
-        got = evaluate(rec.model, table, rec.items, local, "test", cfg.model.max_seq_len, cfg.eval.batch_size,
-                       tuple(cfg.eval.ks), rec.device, rec.dtype)
-    assert got == metrics["test"]
+    assert rec.evaluate("test") == metrics["test"]
 
 
 def _rewrite_item_shard(root, edit) -> None:

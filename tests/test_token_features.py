@@ -84,9 +84,6 @@ def test_two_processes_train_tame_as_one(media_dataset, tiny_encoders, token_sto
 
 
 def test_a_tame_run_reproduces_its_metrics_when_loaded(media_dataset, tiny_encoders, token_stores, tmp_path):
-    from train.data import LocalSequences
-    from train.embeddings import TorchItemTable
-    from train.evaluate import evaluate
     from train.recommend import RunRecommender
     run = tmp_path / "run"
     _run([PY, "-m", "train.command", "--data", str(media_dataset), "--run-dir", str(run), *TINY_TAME,
@@ -98,8 +95,4 @@ def test_a_tame_run_reproduces_its_metrics_when_loaded(media_dataset, tiny_encod
     assert "cammsr/expert_usage/id_enrichment/expert0" in events.Tags()["scalars"]
     rec = RunRecommender(run)
     assert rec.items.text.dim() == 3 and rec.items.image.shape[1] == 5
-    table = TorchItemTable(rec.id_rows, "exact_sgd", 0.1, 1e-8, rec.device)
-    with rec.as_trained(), torch.no_grad():
-        got = evaluate(rec.model, table, rec.items, LocalSequences(rec.data, 0, 1), "test", rec.cfg.model.max_seq_len,
-                       rec.cfg.eval.batch_size, tuple(rec.cfg.eval.ks), rec.device, rec.dtype)
-    assert got == metrics["test"]
+    assert rec.evaluate("test") == metrics["test"]

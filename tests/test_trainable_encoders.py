@@ -136,17 +136,9 @@ def test_lora_checkpoint_holds_the_adapters_resumes_and_recommends(media_dataset
 
     # recommend re-encodes the catalogue with the trained adapters: the run's metrics, and text vectors that are not
     # the frozen encoder's
-    from train.data import LocalSequences
-    from train.embeddings import TorchItemTable
-    from train.evaluate import evaluate
     from train.recommend import RunRecommender
     rec = RunRecommender(full)
-    local = LocalSequences(rec.data, 0, 1)
-    table = TorchItemTable(rec.id_rows, "exact_sgd", 0.1, 1e-8, rec.device)
-    with rec.as_trained(), torch.no_grad():
-        got = evaluate(rec.model, table, rec.items, local, "test", rec.cfg.model.max_seq_len, 1024, (5, 10),
-                       rec.device, rec.dtype)
-    assert got == metrics["test"]
+    assert rec.evaluate("test") == metrics["test"]
     frozen = load_text_encoder(str(tiny_encoders[0])).encode([next(rec.data.items()).text])
     assert not torch.allclose(rec.items.text[1], frozen[0], atol=1e-4)
 

@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import json
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -128,12 +129,21 @@ def _single_process_group(timeout_s: float):
     if read_env()[1] > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
         raise ConfigError("recommend runs as ONE process: start it without torchrun/srun/deepspeed")
     owned = not dist.is_initialized()
+    rendezvous = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                       "LOCAL_RANK")}
     env = init_distributed(timeout_s, "auto")
     try:
         yield env.device
     finally:
         if owned:
             shutdown(wait_for_peers=False)
+            # the group's address and port leave with it: a process started afterwards (a benchmark's next
+            # `cammsr train`) would inherit them and try to listen on this group's port
+            for key, value in rendezvous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -301,6 +311,22 @@ class RunRecommender:
         with self.as_trained():
             output = self.model(*model_inputs(batch, seq_emb, self.items, self.dtype))
         return last_position(output, batch.seq_len)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """This checkpoint's metrics on `split`, ranked as the run's own training process ranks them (its evaluator,
+        users, protocol and ties): a finished run's test at its best validation round, read without training it
+        again. One process; the run directory is only read."""
+        from train.data import LocalSequences
+        from train.embeddings import TorchItemTable
+        from train.evaluate import evaluate, evaluation_users
+        cfg, local = self.cfg, LocalSequences(self.data, 0, 1)
+        table = TorchItemTable(self.id_rows, "exact_sgd", 0.1, 1e-8, self.device)  # read only: never stepped
+        with self.as_trained():
+            return evaluate(self.model, table, self.items, local, split, cfg.model.max_seq_len, cfg.eval.batch_size,
+                            tuple(cfg.eval.ks), self.device, self.dtype,
+                            users=evaluation_users(local, cfg.eval.max_users, cfg.train.seed),
+                            chunk_size=cfg.model.score_chunk_size, exclude_history=cfg.eval.exclude_history)
 
     @torch.no_grad()
     def top_k(self, history: list[int], k: int, exclude: set[int] = frozenset(),
