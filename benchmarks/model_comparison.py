@@ -1,6 +1,6 @@
 """The seed papers' models side by side on one dataset: SASRec, HM4SR, FindRec, TAME and CAMMSR on the same shards,
 protocol (leave-one-out, full ranking over every item), evaluator and trainer, each tuned on validation with the
-same budget, then trained once with its chosen config and read on test at its best validation epoch.
+same budget, then read on test at the best validation epoch of the run the study chose.
 
     python -m benchmarks.model_comparison --data data/quickstart --config configs/quickstart.yaml \\
         --spaces configs/spaces/compare --trials 4 --run-dir runs/compare_quickstart [--record-prefix ID] \\
@@ -8,14 +8,15 @@ same budget, then trained once with its chosen config and read on test at its be
 
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys), then
-`cammsr train --config STUDY/best.yaml` to its early stop. Once every model has its final run, each chosen config
-trains --timing-epochs epochs again, one model after the other, every modality from the first epoch (no ID warm-up);
+the study's best trial is ranked on test from its best checkpoint (`training_runs.best_trial_results`: no second
+training of the chosen config). Once every study has finished, each chosen config trains --timing-epochs epochs
+again, one model after the other, every modality from the first epoch (no ID warm-up);
 run the command alone: these are the table's epoch times, taken when nothing of the comparison runs beside them. The
 table gives test metrics, the validation value they were chosen on, the median epoch of the timing run in seconds,
 and each model's test NDCG@10 minus CAMMSR's per user (paired, with a bootstrap 95% interval), beside each paper's
 own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is
 not trained; its row says why. Everything continues where it stopped: finished studies and runs are reused. --status
-prints how far each model has got (trials, best validation so far, the final run's epoch) and runs nothing.
+prints how far each model has got (trials, best validation so far, the chosen run, the timing run) and runs nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.machine import describe_machine
 from benchmarks.paired_comparison import format_difference, paired_against
-from benchmarks.training_runs import train_or_resume
+from benchmarks.training_runs import best_trial_results, train_or_resume
 
 MODELS = ("sasrec", "hm4sr", "findrec", "tame", "cammsr")
 NAMES = {"sasrec": "SASRec", "hm4sr": "HM4SR", "findrec": "FindRec", "tame": "TAME", "cammsr": "CAMMSR"}
@@ -52,7 +53,7 @@ def paper_number(model: str, dataset: str) -> str | None:
 
 
 def base_config(args, folder: Path) -> Path:
-    """--config with the command's overrides, as one file (folder/base.yaml) every study and final run starts from."""
+    """--config with the command's overrides, as one file (folder/base.yaml) every study and timing run starts from."""
     from train.config import load_config
     path = folder / "base.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--config")
     parser.add_argument("--spaces", type=Path, required=True, help="a folder with one search space per model")
-    parser.add_argument("--trials", type=int, default=4, help="distinct configurations tried per model (the same for each)")
+    parser.add_argument("--trials", type=int, default=4,
+                        help="distinct configurations tried per model (the same for each)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<model>.json per model")
     parser.add_argument("--timing-epochs", type=int, default=3,
-                        help="epochs each chosen config trains again after every final run: the table's epoch time")
+                        help="epochs each chosen config trains again once every study has finished: the table's "
+                             "epoch time")
     parser.add_argument("--status", action="store_true", help="print each model's progress, run nothing")
-    parser.add_argument("overrides", nargs="*", help="key=value for every study and final run (e.g. epochs cap)")
+    parser.add_argument("overrides", nargs="*", help="key=value for every study and timing run (e.g. epochs cap)")
     args = parser.parse_args(argv)
     if args.timing_epochs < 1:
         raise SystemExit(f"--timing-epochs {args.timing_epochs}: at least one epoch is timed")
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(progress_table(models, args, base_config(args, Path(scratch))))
         return 0
     base = base_config(args, args.run_dir)
-    finals, refused, chosen = {}, {}, {}
+    results, refused, chosen = {}, {}, {}
     for model in models:
         why = refusal(model, base)
         if why:
@@ -120,21 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{NAMES[model]}: not run: {why}", flush=True)
             continue
         chosen[model] = tune(model, args, base, args.run_dir / model / "study")
-        finals[model] = (args.run_dir / model / "final",
-                         train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "final", []))
+        results[model] = best_trial_results(args.run_dir / model / "study", args.data)
     seconds = {model: seconds_per_epoch(train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "timing",
                                                         [f"train.max_epochs={args.timing_epochs}",
                                                          "train.id_warmup_epochs=0"]))
-               for model in finals}
+               for model in results}
     differences = {}
-    if "cammsr" in finals:
-        differences = paired_against(finals["cammsr"][0], {model: run for model, (run, _) in finals.items()
+    if "cammsr" in results:
+        differences = paired_against(results["cammsr"][0], {model: run for model, (run, _) in results.items()
                                                            if model != "cammsr"}, args.data)
     print(f"\n{args.data}, {args.trials} tuning trials per model; {describe_machine()}\n")
     dataset = dataset_name(args.data)
-    print(comparison_table(finals, differences, refused, seconds, dataset))
+    print(comparison_table(results, differences, refused, seconds, dataset))
     if args.record_prefix:
-        _records(args, finals, differences, seconds, dataset)
+        _records(args, results, differences, seconds, dataset)
     return 0
 
 
@@ -144,9 +146,9 @@ def dataset_name(data: str) -> str:
 
 
 def progress_table(models: list[str], args, base: Path) -> str:
-    """Where each model's study, final run and timing run stand (read from their folders)."""
-    from train.tune import study_progress
-    lines = ["| model | tuning trials finished | best valid NDCG@10 so far | final run | timing run |",
+    """Where each model's study, chosen run and timing run stand (read from their folders)."""
+    from train.tune import best_trial_run, study_progress
+    lines = ["| model | tuning trials finished | best valid NDCG@10 so far | chosen run (best trial) | timing run |",
              "|---|---|---|---|---|"]
     for model in models:
         why = refusal(model, base)
@@ -156,8 +158,8 @@ def progress_table(models: list[str], args, base: Path) -> str:
         study = study_progress(args.run_dir / model / "study")
         trials = "not started" if study is None else f"{study['counted']} of {args.trials}"
         best = "-" if study is None or study["best"] is None else f"{study['best']:.4f}"
-        lines.append(f"| {NAMES[model]} | {trials} | {best} | "
-                     f"{run_state(args.run_dir / model / 'final', _final_finished)} | "
+        chosen = best_trial_run(args.run_dir / model / "study")
+        lines.append(f"| {NAMES[model]} | {trials} | {best} | {'-' if chosen is None else _chosen_run(chosen)} | "
                      f"{run_state(args.run_dir / model / 'timing', _timing_finished)} |")
     return "\n".join(lines)
 
@@ -175,19 +177,20 @@ def run_state(run: Path, finished) -> str:
     return f"{metrics['epochs_run']} epochs{best}"
 
 
-def _final_finished(metrics: dict) -> str:
-    return f"finished: test NDCG@10 {metrics['test']['ndcg@10']:.4f} at epoch {metrics['best_epoch']}"
+def _chosen_run(run: Path) -> str:
+    metrics = json.loads((run / "metrics.json").read_text())
+    return f"{run.name}: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"
 
 
 def _timing_finished(metrics: dict) -> str:
     return f"finished: {seconds_per_epoch(metrics):.1f} s/epoch"
 
 
-def comparison_table(finals: dict, differences: dict, refused: dict, seconds: dict, dataset: str) -> str:
+def comparison_table(results: dict, differences: dict, refused: dict, seconds: dict, dataset: str) -> str:
     lines = ["| model | test NDCG@10 | test NDCG@5 | test MRR@10 | valid NDCG@10 | minus CAMMSR (paired 95% interval) "
              f"| s/epoch | best epoch / run | paper's {dataset} NDCG@10 (its protocol) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for model, (_, metrics) in finals.items():
+    for model, (_, metrics) in results.items():
         test = metrics["test"]
         versus = format_difference(differences[model]) if model in differences else "-"
         lines.append(f"| {NAMES[model]} | {test['ndcg@10']:.4f} | {test['ndcg@5']:.4f} | {test['mrr@10']:.4f} | "
@@ -198,7 +201,7 @@ def comparison_table(finals: dict, differences: dict, refused: dict, seconds: di
     return "\n".join(lines)
 
 
-def _records(args, finals: dict, differences: dict, seconds: dict, dataset: str) -> None:
+def _records(args, results: dict, differences: dict, seconds: dict, dataset: str) -> None:
     from benchmarks.results import write_record
     command = " ".join(["python -m benchmarks.model_comparison", f"--data {args.data}",
                         *([f"--config {args.config}"] if args.config else []), f"--spaces {args.spaces}",
@@ -206,7 +209,7 @@ def _records(args, finals: dict, differences: dict, seconds: dict, dataset: str)
                         f"--timing-epochs {args.timing_epochs}", f"--record-prefix {args.record_prefix}",
                         *args.overrides])
     folder = Path(args.data).name
-    for model, (_, metrics) in finals.items():
+    for model, (_, metrics) in results.items():
         details = {"valid NDCG@10": round(metrics["valid"]["ndcg@10"], 4),
                    "test MRR@10": round(metrics["test"]["mrr@10"], 4),
                    "seconds per epoch": round(seconds[model], 1),
@@ -216,7 +219,7 @@ def _records(args, finals: dict, differences: dict, seconds: dict, dataset: str)
         reference = None
         if model in differences:
             details["minus CAMMSR, paired 95% interval"] = format_difference(differences[model])
-            reference = {"name": "CAMMSR, same comparison", "value": round(finals["cammsr"][1]["test"]["ndcg@10"], 4)}
+            reference = {"name": "CAMMSR, same comparison", "value": round(results["cammsr"][1]["test"]["ndcg@10"], 4)}
         write_record(f"{args.record_prefix}_{model}", area=f"Model comparison: {folder}",
                      claim=f"{NAMES[model]} on {folder}, tuned on validation, test", metric="test NDCG@10",
                      ours=round(metrics["test"]["ndcg@10"], 4), reference=reference, details=details,

@@ -1,6 +1,6 @@
 """One training run of a benchmark that continues where it stopped: a finished run (metrics.json with test metrics)
 is reused when it was trained from the config asked for, an interrupted one resumed from its latest checkpoint, a
-new one started (`cammsr train` as a subprocess, its output shown)."""
+new one started (`cammsr train` as a subprocess, its output shown). And the test of a study's chosen run."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import yaml
 
 from train.checkpoint import config_changes
 from train.config import load_config
+from train.tune import best_trial_run
 
 
 def train_or_resume(data: str, config: str | None, run_dir: Path, overrides: list[str]) -> dict:
@@ -43,3 +44,17 @@ def _refuse_another_config(run_dir: Path, finished: dict, data: str, config: str
     if changed:
         raise SystemExit(f"{run_dir} finished with another config than {config or 'the defaults'} (changed keys: "
                          + "; ".join(changed[:10]) + "): move it aside to train this one")
+
+
+def best_trial_results(study_dir: Path, data: str) -> tuple[Path, dict]:
+    """(run directory, metrics.json) of the study's best trial, with "test" ranked from the trial's best checkpoint
+    by the run's own evaluation: the chosen config's test at its best validation round, from the very run the
+    study chose on validation (training its config again gives the same curve on one CPU process and costs a
+    whole run). Nothing is written to the trial's folder."""
+    from train.recommend import RunRecommender
+    run = best_trial_run(study_dir)
+    if run is None:
+        raise SystemExit(f"{study_dir}: no complete trial to read test from")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["test"] = RunRecommender(run, data_path=data).evaluate("test")
+    return run, metrics

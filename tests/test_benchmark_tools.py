@@ -132,15 +132,21 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
                "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
     before = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                             timeout=120)
-    assert before.returncode == 0 and "| SASRec | not started | - | not started | not started |" in before.stdout, \
+    assert before.returncode == 0 and "| SASRec | not started | - | - | not started |" in before.stdout, \
         before.stderr
     assert not (tmp_path / "compare").exists()  # --status runs and writes nothing
     proc = subprocess.run(compare, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = re.search(r"^\| SASRec \| (0\.\d{4}) \|.*\| ([+-]0\.\d{4}) \[.*\] \| (\d+\.\d) \|", proc.stdout, re.M)
     assert row, proc.stdout[-2000:]
-    sasrec = json.loads((tmp_path / "compare" / "sasrec" / "final" / "metrics.json").read_text())
+    # test is read from the study's chosen run: what training its best.yaml again gives, without that training
+    retrain = subprocess.run([PY, "-m", "train.command", "--data", str(data), "--run-dir", str(tmp_path / "again"),
+                              "--config", str(tmp_path / "compare" / "sasrec" / "study" / "best.yaml")],
+                             cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    sasrec = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert float(row.group(1)) == round(sasrec["test"]["ndcg@10"], 4)
+    assert not (tmp_path / "compare" / "sasrec" / "final").exists()
     timing = json.loads((tmp_path / "compare" / "sasrec" / "timing" / "metrics.json").read_text())
     assert [r["epoch"] for r in timing["history"]] == [0, 1]  # the chosen config again, --timing-epochs long
     epochs = sorted(r["epoch_seconds"] for r in timing["history"])
@@ -154,7 +160,7 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     after = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                            timeout=120)
     study_best = max(t["value"] for t in trials)
-    assert f"| CAMMSR | 1 of 1 | {study_best:.4f} | finished: test NDCG@10 " in after.stdout, after.stdout
+    assert f"| CAMMSR | 1 of 1 | {study_best:.4f} | trial_0000: best epoch 0 of 1 |" in after.stdout, after.stdout
     assert re.search(r"^\| CAMMSR \|.*\| finished: \d+\.\d s/epoch \|$", after.stdout, re.M), after.stdout
     assert re.search(r"^\| FindRec \| not run: ", after.stdout, re.M)
 

@@ -102,6 +102,20 @@ def study_progress(study_dir: Path) -> dict | None:
     return {"counted": _counted(study), "best": None if best is None else best.value}
 
 
+def best_trial_run(study_dir: Path) -> Path | None:
+    """The run directory of the study's best trial (`_best_trial`, best.yaml's), None while no trial is complete."""
+    if not (study_dir / "study.db").is_file():
+        return None
+    import optuna
+    best = _best_trial(optuna.load_study(study_name=STUDY_NAME, storage=_storage(study_dir)))
+    return None if best is None else _trial_run_dir(study_dir, best)
+
+
+def _trial_run_dir(study_dir: Path, trial) -> Path:
+    """A trial's run directory; the continuation of an interrupted trial trains on in the interrupted one's."""
+    return study_dir / "trials" / f"trial_{int(trial.user_attrs.get('resume_of', trial.number)):04d}"
+
+
 def trial_overrides(settings: dict, values: dict) -> list[str]:
     """A trial's config overrides: the study's own, the space's fixed values, the trial's sampled values."""
     space: SearchSpace = settings["space"]
@@ -127,8 +141,7 @@ def _objective(settings: dict):
             if earlier.state.name == "COMPLETE":
                 return earlier.value
             raise optuna.TrialPruned(f"repeats trial {earlier.number} ({earlier.state.name.lower()})")
-        origin = int(trial.user_attrs.get("resume_of", trial.number))
-        run_dir = settings["study_dir"] / "trials" / f"trial_{origin:04d}"
+        run_dir = _trial_run_dir(settings["study_dir"], trial)
         trial.set_user_attr("run_dir", str(run_dir))
         cfg = load_config(settings["config"], trial_overrides(settings, values))
         trainer = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
