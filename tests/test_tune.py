@@ -192,6 +192,39 @@ def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base
         run_study(dataset, base_config, space, study, 3, 1, "test")
 
 
+def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, base_config, tmp_path):
+    """benchmarks.tuned_accuracy: studies of unequal budgets are refused by name; equal ones give each chosen run's
+    test (as training its best.yaml again gives) and the per-user paired difference to the first study's."""
+    no_pruning = {"pruner:kind": "none", "pruner:startup_trials": None, "pruner:warmup_rounds": None}
+    first, second = tmp_path / "first", tmp_path / "second"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _tune(dataset, base_config, _space(tmp_path / "a", **no_pruning), first, "--trials", "1")
+    other = _space(tmp_path / "b", **no_pruning)
+    other.write_text(other.read_text().replace("seed: 1\n", "seed: 7\n"))  # its own draws
+    _tune(dataset, base_config, other, second, "--trials", "2")
+    report = [PY, "-m", "benchmarks.tuned_accuracy", "--data", str(dataset), f"A={first}", f"B={second}",
+              "--anchor", "0.1", "--anchor-name", "a public run"]
+    refused = subprocess.run(report, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "different numbers of configurations (A 1, B 2)" in refused.stderr
+    _tune(dataset, base_config, _space(tmp_path / "a", **no_pruning), first, "--trials", "2")
+    proc = subprocess.run(report, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {name: re.search(rf"^\| {name} \| 2 / (\d+) \| trial_\d{{4}} \(\d+ / \d+\) \| 0\.\d{{4}} \| "
+                             rf"(0\.\d{{4}}) \| (\d\.\d{{3}}) \| (.*) \|$", proc.stdout, re.M) for name in "AB"}
+    assert all(rows.values()), proc.stdout[-2000:]
+    again = subprocess.run([PY, "-m", "train.command", "--data", str(dataset), "--run-dir", str(tmp_path / "again"),
+                            "--config", str(second / "best.yaml")], cwd=ROOT, env=cpu_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    test = json.loads((tmp_path / "again" / "metrics.json").read_text())["test"]["ndcg@10"]
+    assert rows["B"].group(2) == f"{test:.4f}" and rows["B"].group(3) == f"{test / 0.1:.3f}"
+    epochs = sum(t["epochs_run"] for t in _trials(second) if t["state"] == "COMPLETE")
+    assert rows["B"].group(1) == str(epochs) and rows["A"].group(4) == "-"
+    difference = float(rows["B"].group(4).split()[0])
+    assert abs(difference - (float(rows["B"].group(2)) - float(rows["A"].group(2)))) < 2e-4  # rounding of both
+
+
 def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config, tmp_path):
     space = _space(tmp_path, **{"pruner:kind": "threshold", "pruner:lower": 1.1, "pruner:startup_trials": None,
                                 "pruner:warmup_rounds": 1})

@@ -91,15 +91,22 @@ def _best_trial(study):
     return max(complete, key=lambda t: t.value) if complete else None
 
 
+def _epochs_trained(trials) -> int:
+    """The budget a study spent: every epoch its complete and pruned trials trained (a trial that continues an
+    interrupted one counts the epochs before the interruption too)."""
+    return sum(t.user_attrs.get("epochs_run") or 0 for t in trials if t.state.name in ("COMPLETE", "PRUNED"))
+
+
 def study_progress(study_dir: Path) -> dict | None:
-    """{"counted": finished trials as --trials counts them, "best": the best complete trial's value or None} of the
-    study in study_dir, read without running anything; None when it has no study yet."""
+    """{"counted": finished trials as --trials counts them, "best": the best complete trial's value or None,
+    "epochs": `_epochs_trained`} of the study in study_dir, read without running anything; None before it exists."""
     if not (study_dir / "study.db").is_file():
         return None
     import optuna
     study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(study_dir))
     best = _best_trial(study)
-    return {"counted": _counted(study), "best": None if best is None else best.value}
+    return {"counted": _counted(study), "best": None if best is None else best.value,
+            "epochs": _epochs_trained(study.get_trials(deepcopy=False))}
 
 
 def best_trial_run(study_dir: Path) -> Path | None:
@@ -265,8 +272,7 @@ def _write_results(study, settings: dict) -> dict:
             for t in study.get_trials(deepcopy=False)]
     atomic_write_text(study_dir / "trials.json", json.dumps(rows, indent=1))
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    # the budget spent: a trial that continues an interrupted one counts the epochs before the interruption too
-    epochs = sum(r["epochs_run"] or 0 for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
+    epochs = _epochs_trained(study.get_trials(deepcopy=False))
     configurations = (f"{_counted(study)} distinct configurations finished; {states['COMPLETE']} complete, "
                       f"{states['PRUNED']} pruned, {states['FAIL']} failed trials")
     best = _best_trial(study)
