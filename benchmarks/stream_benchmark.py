@@ -57,7 +57,8 @@ def time_preparation(trainer, steps: int) -> dict:
         epoch += 1
     seconds = time.perf_counter() - started
     totals = media.totals
-    result = {"steps_timed": steps, "s_per_step": seconds / steps, "images_per_s": (totals["images"] - images) / seconds,
+    result = {"steps_timed": steps, "s_per_step": seconds / steps,
+              "images_per_s": (totals["images"] - images) / seconds,
               "decode_images_per_s": (totals["images"] - images) / max(totals["decode"], 1e-9),
               "phase_s_per_step": {p: totals[p] / steps for p in PHASES}, "decoder": media.decoder_name,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

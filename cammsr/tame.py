@@ -370,7 +370,8 @@ class TAME(SequentialRecommender):
             user = hidden
         contrasts = []
         if self.training and self.cfg.tame_cl_weight > 0:
-            contrasts.append(TargetContrast("cl", self._id_index, self.cfg.tame_cl_weight, self.cfg.tame_cl_temperature))
+            contrasts.append(TargetContrast("cl", self._id_index, self.cfg.tame_cl_weight,
+                                            self.cfg.tame_cl_temperature))
         expert_weights = None
         if routing is not None:  # for monitoring: Eq. 12's weights at each valid position, zero at padding
             expert_weights = routing.new_zeros(*item_seq.shape, 1, routing.shape[-1])

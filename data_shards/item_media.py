@@ -104,7 +104,8 @@ class ItemMediaReader:
         for item_id in item_ids:
             item_id = int(item_id)
             if item_id not in self._where:
-                raise DataError(f"{self.data.root}: item {item_id} is not in the item shards (1..{self.data.num_items})")
+                raise DataError(f"{self.data.root}: item {item_id} is not in the item shards "
+                                f"(1..{self.data.num_items})")
             shard_number, members = self._where[item_id]
             text_member = members.get("txt")
             text = self._member(shard_number, text_member).decode("utf-8", errors="replace") if text_member else ""

@@ -1,8 +1,8 @@
 """The training config: one typed tree (dataclasses), a YAML file + `key=value` overrides, validated once.
 
 Sections: data, model (= cammsr.ModelConfig, its fields are the public model keys), train, embedding, eval, features,
-categories, checkpoint, logging, distributed. Overrides: `section.key=value` or a bare `key=value` when the name is unique
-across sections (`max_epochs=3`); `model=sasrec` is short for `model.name=sasrec`. Values are parsed as YAML.
+categories, checkpoint, logging, distributed. Overrides: `section.key=value` or a bare `key=value` when the name is
+unique across sections (`max_epochs=3`); `model=sasrec` is short for `model.name=sasrec`. Values are parsed as YAML.
 Every error names the key (ConfigError, a ValueError).
 """
 

@@ -173,7 +173,8 @@ class MediaStream:
             else:
                 parts.append(f"{modality}: {name} in the step, {mode}")
         reader = f"; images decoded by {self.decoder_name}" if self.decoder_name and self.step_batcher.decoder else ""
-        return f"content features computed in the run ({'; '.join(parts)}{reader}, {self.cfg.prefetch} step(s) prefetched)"
+        return (f"content features computed in the run ({'; '.join(parts)}{reader}, "
+                f"{self.cfg.prefetch} step(s) prefetched)")
 
     # ------------------------------------------------------------------ one step
     def prepare(self, ids: torch.Tensor | np.ndarray) -> MediaBatch:
