@@ -354,7 +354,10 @@ class TAME(SequentialRecommender):
         ids = id_emb[valid]                                                                # [n, d]
         retrieved = self.retrieve_by_length(ids, {"text": None if text_feat is None else text_feat[valid],
                                                   "image": None if image_feat is None else image_feat[valid]})
-        positions = self.position.weight[: item_seq.shape[1]].expand(item_seq.shape[0], -1, -1)[valid]
+        # through the embedding's forward: ZeRO-3 gathers a module's weight there (the root model reading a child's
+        # weight directly gets a shard that is released again before the backward accumulates into it)
+        positions = self.position(torch.arange(item_seq.shape[1], device=item_seq.device))
+        positions = positions.expand(item_seq.shape[0], -1, -1)[valid]
         enriched, routing = self._enrich(ids + positions, retrieved)                             # Eq. 9-12
         items = torch.stack([enriched if m == "id"
                              else self.aggregations[m](retrieved[m]) + positions                 # Eq. 7-8, IV-C
