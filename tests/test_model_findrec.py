@@ -371,18 +371,19 @@ ALL_POSITIONS = ["train.batch_size=48", "train.batch_unit=targets", "model.seque
                  "model.findrec_iicm_anchors=every_position"]
 
 
-@pytest.mark.parametrize("mode", [[], ALL_POSITIONS], ids=["prefix", "all_positions"])
-def test_two_processes_equal_one_process(dataset, tmp_path, mode):
-    """Same global batches at ZeRO 1: losses, ID table and dense weights within 1e-5, metrics identical; the IICM is
-    computed on the gathered global batch (all_positions: its [B, L, d] rows padded to max_seq_len on each rank)."""
+@pytest.mark.parametrize("mode, stage", [([], "3"), (ALL_POSITIONS, "1")], ids=["prefix", "all_positions"])
+def test_two_processes_equal_one_process(dataset, tmp_path, mode, stage):
+    """Same global batches at ZeRO 3 (prefix) and ZeRO 1 (all positions): losses, ID table and dense weights within
+    1e-5, metrics identical; the IICM is computed on the gathered global batch (all_positions: its [B, L, d] rows
+    padded to max_seq_len on each rank)."""
     dumps = {}
     for nproc in (1, 2):
         out = tmp_path / f"findrec{nproc}.pt"
         proc = subprocess.run([str(ROOT / "launch" / "single_node.sh"), "--nproc", str(nproc), "--python", PY,
                                "--module", "train.parity", "--", "--data", str(dataset), "--out", str(out),
-                               "--steps", "3", "--stages", "1", *TINY_FINDREC, *mode],
+                               "--steps", "3", "--stages", stage, *TINY_FINDREC, *mode],
                               cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         dumps[nproc] = torch.load(out, weights_only=False)
-    assert dumps[2][1]["world_size"] == 2
+    assert dumps[2][int(stage)]["world_size"] == 2
     assert compare(dumps[1], dumps[2], 1e-5) == []

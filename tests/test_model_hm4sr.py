@@ -225,19 +225,19 @@ TINY_HM4SR = ["model.name=hm4sr", "train.precision=fp32", "train.eps=0.001", "mo
               "model.hm4sr_temporal_experts=2", "model.hm4sr_pcl_ratio=1.0", "data.build_features=false"]
 
 
-@pytest.mark.parametrize("mode", [["train.batch_size=64", "model.sequence_mode=prefix"],
-                                  ["train.batch_size=48", "train.batch_unit=targets",
-                                   "model.sequence_mode=all_positions"]])
-def test_two_processes_train_hm4sr_as_one(tmp_path, mode):
-    """Real gloo processes through train.parity: the per-step losses and weights of 2 ranks equal 1 rank's (ZeRO 1),
-    with CP, IDCL and PCL computed on the global batch."""
+@pytest.mark.parametrize("mode, stage", [(["train.batch_size=64", "model.sequence_mode=prefix"], "3"),
+                                         (["train.batch_size=48", "train.batch_unit=targets",
+                                           "model.sequence_mode=all_positions"], "1")])
+def test_two_processes_train_hm4sr_as_one(tmp_path, mode, stage):
+    """Real gloo processes through train.parity: the per-step losses and weights of 2 ranks equal 1 rank's (ZeRO 3
+    in prefix mode, ZeRO 1 in all-positions mode), with CP, IDCL and PCL computed on the global batch."""
     data = write_tiny_dataset(tmp_path / "tiny")
     dumps = {}
     for nproc in (1, 2):
         out = tmp_path / f"hm4sr{nproc}.pt"
         proc = subprocess.run([str(ROOT / "launch" / "single_node.sh"), "--nproc", str(nproc), "--python", PY,
                                "--module", "train.parity", "--", "--data", str(data), "--out", str(out), "--steps",
-                               "3", "--stages", "1", *TINY_HM4SR, *mode],
+                               "3", "--stages", stage, *TINY_HM4SR, *mode],
                               cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         dumps[nproc] = torch.load(out, weights_only=False)
