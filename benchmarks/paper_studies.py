@@ -7,12 +7,15 @@ ablations (Table III's w/o rows) of a given, e.g. tuned, config.
     python -m benchmarks.paper_studies categories --data DATA --config CONFIG --run-dir DIR
     python -m benchmarks.paper_studies pairs --data DATA --config CONFIG --run-dir DIR
     python -m benchmarks.paper_studies ablations --data DATA --config runs/tune_beauty_cammsr/best.yaml --run-dir DIR
+    python -m benchmarks.paper_studies ablations --data DATA --from-study runs/tune_beauty_cammsr --run-dir DIR
 
 Every setting trains CAMMSR with the same config (as the paper keeps its main experiment's hyper-parameters) and
 differs only in what the study varies; each run stops early on validation and reports test at its best validation
 epoch. A finished run is reused and an interrupted one resumed, so the command continues where it stopped. The
 paper's own rows (Beauty, where it reports them) are printed beside ours as recorded. The ablations also give each
-setting's per-user test NDCG@10 minus the full model's, with a bootstrap 95% interval.
+setting's per-user test NDCG@10 minus the full model's, with a bootstrap 95% interval; `--from-study` takes the
+config from a finished `cammsr tune` study's best.yaml and the full model is the run that study chose, read on test
+from its best checkpoint instead of trained again.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.machine import describe_machine
 from benchmarks.paired_comparison import format_difference, paired_against
-from benchmarks.training_runs import train_or_resume
+from benchmarks.training_runs import best_trial_results, train_or_resume
 
 # Table V, Beauty columns (NDCG@10, MRR@10), as printed in the paper.
 PAPER_NOISE_BEAUTY = {"CAMMSR": (0.0517, 0.0404), "removal 10%": (0.0505, 0.0391), "removal 20%": (0.0499, 0.0384),
@@ -89,12 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", choices=("noise", "categories", "pairs", "ablations"))
     parser.add_argument("--data", required=True)
     parser.add_argument("--config")
+    parser.add_argument("--from-study", type=Path, help="ablations of a finished study's chosen config and run")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--levels", default="0.1,0.2,0.3", help="noise: fractions of labelled items corrupted")
     parser.add_argument("--virtual", default="10,20", help="categories: numbers of virtual categories")
     parser.add_argument("--record", help="write benchmarks/results/<ID>.json (the study's table in its details)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # the study name, then options, then key=value overrides
+    if args.from_study is not None:
+        if args.study != "ablations" or args.config or args.overrides:
+            raise SystemExit("--from-study: ablations only, with the study's own best.yaml (no --config, no "
+                             "key=value: the full model is the study's run as it was trained)")
+        args.config = str(args.from_study / "best.yaml")
     if args.study == "noise":
         settings = noise_settings([float(v) for v in args.levels.split(",")])
     elif args.study == "categories":
@@ -106,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = ablation_settings(list(model.modalities), list(model.mscl_pairs))
     results, folders = {}, {}
     for name, extra in settings.items():
+        if args.from_study is not None and not extra:  # the full model: the run the study chose
+            folders[name], results[name] = best_trial_results(args.from_study, args.data)
+            continue
         folders[name] = args.run_dir / name.replace(" ", "_").replace("/", "").replace("%", "pct").replace("+", "")
         results[name] = train_or_resume(args.data, args.config, folders[name], [*args.overrides, *extra])
     differences = {}
@@ -146,7 +158,8 @@ def _record(args, results: dict[str, dict], differences: dict[str, dict]) -> Non
     from benchmarks.results import write_record
     first, last = next(iter(results)), list(results)[-1]
     command = " ".join(["python -m benchmarks.paper_studies", args.study, f"--data {args.data}",
-                        *([f"--config {args.config}"] if args.config else []), f"--run-dir {args.run_dir}",
+                        *([f"--from-study {args.from_study}"] if args.from_study else
+                          [f"--config {args.config}"] if args.config else []), f"--run-dir {args.run_dir}",
                         f"--record {args.record}", *args.overrides])
     write_record(args.record, area="Paper analyses",
                  claim=f"CAMMSR {args.study} study, {Path(args.data).name}: {first} vs {last}, test",

@@ -163,6 +163,15 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     assert f"| CAMMSR | 1 of 1 | {study_best:.4f} | trial_0000: best epoch 0 of 1 |" in after.stdout, after.stdout
     assert re.search(r"^\| CAMMSR \|.*\| finished: \d+\.\d s/epoch \|$", after.stdout, re.M), after.stdout
     assert re.search(r"^\| FindRec \| not run: ", after.stdout, re.M)
+    # the ablations of a finished study: its chosen run is the full model, read on test, not trained again
+    chosen = re.search(r"^\| CAMMSR \| (0\.\d{4}) \|", proc.stdout, re.M).group(1)
+    tuned = subprocess.run([PY, "-m", "benchmarks.paper_studies", "ablations", "--data", str(data), "--from-study",
+                            str(tmp_path / "compare" / "cammsr" / "study"), "--run-dir", str(tmp_path / "tuned")],
+                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    assert re.search(rf"^\| CAMMSR \| {re.escape(chosen)} \|", tuned.stdout, re.M), tuned.stdout[-2000:]
+    assert not (tmp_path / "tuned" / "CAMMSR").exists() and (tmp_path / "tuned" / "wo_CG" / "metrics.json").is_file()
+    assert re.search(r"^\| w/o MSCL \| 0\.\d{4} \| .* \| [+-]0\.\d{4} \[", tuned.stdout, re.M)
 
 
 def test_text_encoder_accuracy_trains_both_encoders_and_pairs_them(tiny_encoders, tmp_path):
