@@ -292,27 +292,25 @@ class TAME(SequentialRecommender):
         """`retrieve` on tame_item_chunk_size items at a time, taken in order of their token count, each chunk's
         token axis cut after its longest item's last token: the padding a chunk drops is work the keys' projection
         and the attention no longer do (Beauty's titles: 31 tokens on average, padded to 64), and attention over
-        masked keys is the same with them or without. `catalogue`: the tables are the catalogue's, whose masks
-        and order are kept for the next call on the very same tables (see _length_layout)."""
+        masked keys is the same with them or without. `catalogue`: the tables are the catalogue's, whose chunks
+        are kept for the next call on the very same tables (see _length_layout)."""
         present = {m: tokens[m] for m in self.content if tokens.get(m) is not None}
         if len(present) < len(self.content) or id_rows.shape[0] == 0:
             return self.retrieve(id_rows, tokens)
-        masks, order, ordered = self._length_layout(present, catalogue)
-        parts, size = [], self.cfg.tame_item_chunk_size
-        for start in range(0, order.shape[0], size):
-            index = order[start: start + size]
-            widths = {m: max(max(ordered[m][start: start + size]), 1) for m in present}
-            parts.append(self.retrieve(id_rows[index], {m: present[m][index, :widths[m]] for m in present},
-                                       {m: masks[m][index, :widths[m]] for m in present}))
+        order, chunks = self._length_layout(present, catalogue)
+        parts = [self.retrieve(id_rows[index], rows, masks) for index, rows, masks in chunks]
         restore = order.argsort()
         return {m: torch.cat([part[m] for part in parts])[restore] for m in self.content}
 
-    def _length_layout(self, tokens: dict[str, torch.Tensor], keep: bool) -> tuple[dict, torch.Tensor, dict]:
-        """The token masks, the items in order of token count and each modality's extents in that order. With
-        `keep`, the layout is reused while the same table objects come back unchanged (same in-place version): a
-        full-softmax step passes the catalogue's frozen tables every time, and their masks read every token of every
-        item, a large part of the retrieval's cost on a CPU. Weak references: the cache holds no table alive."""
+    def _length_layout(self, tokens: dict[str, torch.Tensor], keep: bool) -> tuple[torch.Tensor, list]:
+        """The items in order of token count and, per tame_item_chunk_size of them, (their index, their token rows
+        and masks cut after the chunk's longest item). With `keep`, the layout is reused while the same table
+        objects come back unchanged (same in-place version) and need no gradient: a full-softmax step passes the
+        catalogue's frozen tables every time, and computing their masks and copying their rows out chunk by chunk
+        read every token of every item, a large part of the retrieval's cost on a CPU (the kept rows are the
+        tables' non-padding part once more). Weak references: the cache holds no table alive."""
         versions = {m: rows._version for m, rows in tokens.items()}
+        keep = keep and not any(rows.requires_grad for rows in tokens.values())
         kept = self._kept_layout if keep else None
         if kept is not None and kept[0].keys() == tokens.keys() and kept[1] == versions \
                 and all(kept[0][m]() is tokens[m] for m in tokens):
@@ -322,7 +320,13 @@ class TAME(SequentialRecommender):
                    for m, mask in masks.items()}
         order = sum(extents.values()).argsort()
         ordered = {m: extents[m][order].tolist() for m in tokens}  # one host copy, not a device sync per chunk
-        layout = (masks, order, ordered)
+        chunks, size = [], self.cfg.tame_item_chunk_size
+        for start in range(0, order.shape[0], size):
+            index = order[start: start + size]
+            widths = {m: max(max(ordered[m][start: start + size]), 1) for m in tokens}
+            chunks.append((index, {m: tokens[m][index, :widths[m]] for m in tokens},
+                           {m: masks[m][index, :widths[m]] for m in tokens}))
+        layout = (order, chunks)
         if keep:
             self._kept_layout = ({m: weakref.ref(rows) for m, rows in tokens.items()}, versions, layout)
         return layout

@@ -267,11 +267,15 @@ def test_the_catalogues_masks_and_order_are_kept_while_its_tables_stay_the_same(
     uncached, _ = make(tame_item_chunk_size=4, **EXACT)
     uncached.load_state_dict(model.state_dict())
     model.eval(), uncached.eval()
-    masked = []
+    masked, given, plain_retrieve = [], [], model.retrieve
     monkeypatch.setattr(cammsr.tame, "token_mask", lambda rows: masked.append(rows.shape) or rows.any(-1))
+    monkeypatch.setattr(model, "retrieve", lambda ids, rows, masks=None: given.append(rows) or plain_retrieve(
+        ids, rows, masks))
     first = catalogue.candidates(model)
     torch.testing.assert_close(catalogue.candidates(model), first)
     assert len(masked) == 2  # text and image, once: the second call reused them
+    half = len(given) // 2  # ... and the chunks' token rows, not copied out of the tables again
+    assert all(a[m] is b[m] for a, b in zip(given[:half], given[half:]) for m in ("text", "image"))
     catalogue.text[5] = 0.0  # changed in place: computed again, and item 5 now retrieves no text
     changed = catalogue.candidates(model)
     assert len(masked) == 4 and changed[5, 1].abs().sum() == 0
@@ -279,6 +283,10 @@ def test_the_catalogues_masks_and_order_are_kept_while_its_tables_stay_the_same(
     catalogue.image = catalogue.image.clone()  # another table: computed again
     catalogue.candidates(model)
     assert len(masked) == 8
+    text = catalogue.text.clone().requires_grad_()  # a table being trained is never kept
+    model.retrieve_by_length(catalogue.id_table, {"text": text, "image": catalogue.image}, catalogue=True)
+    model.retrieve_by_length(catalogue.id_table, {"text": text, "image": catalogue.image}, catalogue=True)
+    assert len(masked) == 12
 
 
 def test_standardisation_folded_into_the_keys_equals_retrieving_standardised_tokens():
