@@ -120,6 +120,38 @@ def test_deepspeed_process_groups_are_freed_before_the_interpreter_exits(dataset
         assert int(groups) >= 1 and int(alive) == 0
 
 
+_GROUPS_IN_SEQUENCE = """
+import os
+from train.distributed import init_distributed, shutdown
+keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+before = {key: os.environ.get(key) for key in keys}
+ports = []
+for _ in range(2):
+    env = init_distributed(30.0)
+    assert env.world_size == 1
+    ports.append(os.environ["MASTER_PORT"])
+    assert init_distributed(30.0).rank == 0  # reused, not a second group
+    shutdown()
+    assert {key: os.environ.get(key) for key in keys} == before, os.environ
+print("PORTS", *ports)
+"""
+
+
+def test_a_closed_group_takes_its_rendezvous_variables_with_it(tmp_path):
+    """One process, two groups one after the other (a tune worker's trials; recommend inside a benchmark): each
+    shutdown puts back the variables init_distributed found, so the next group, or a process started afterwards,
+    picks a free port of its own instead of this group's. Variables a launcher set are kept."""
+    driver = tmp_path / "groups_in_sequence.py"
+    driver.write_text(_GROUPS_IN_SEQUENCE)
+    proc = _run([PY, str(driver)])
+    ports = next(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("PORTS"))
+    assert len(ports) == 2
+    launched = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1")
+    proc = subprocess.run([PY, str(driver)], cwd=ROOT, env=launched, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PORTS " + " ".join([launched["MASTER_PORT"]] * 2) in proc.stdout
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
 def test_other_launchers_match(dataset, reference, tmp_path, launcher):
     """The deepspeed launcher and accelerate launch run the same entry point with the same result."""

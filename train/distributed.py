@@ -71,8 +71,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+# The rendezvous variables as they were before this process made its group; `shutdown` puts them back.
+_rendezvous_before: dict[str, str | None] | None = None
+
+
 def init_distributed(timeout_s: float = 120.0, backend: str = "auto") -> DistEnv:
     """Initialise (or reuse) the default process group; a single process gets a world of one."""
+    global _rendezvous_before
+    if not dist.is_initialized():
+        _rendezvous_before = {key: os.environ.get(key) for key in _RENDEZVOUS_KEYS}
     rank, world, local_rank = read_env()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -106,6 +114,22 @@ def shutdown(wait_for_peers: bool = True) -> None:
                 dist.barrier()
         finally:
             _release_process_groups()
+            _restore_rendezvous()
+
+
+def _restore_rendezvous() -> None:
+    """Put back the rendezvous variables `init_distributed` found: the group's address and port leave with it, so a
+    process started afterwards (a benchmark's next `cammsr train`, the next trial's group) does not try to listen
+    on this group's port."""
+    global _rendezvous_before
+    if _rendezvous_before is None:
+        return
+    for key, value in _rendezvous_before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _rendezvous_before = None
 
 
 def _release_process_groups() -> None:

@@ -14,7 +14,6 @@ import contextlib
 import difflib
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -129,21 +128,12 @@ def _single_process_group(timeout_s: float):
     if read_env()[1] > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
         raise ConfigError("recommend runs as ONE process: start it without torchrun/srun/deepspeed")
     owned = not dist.is_initialized()
-    rendezvous = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                       "LOCAL_RANK")}
     env = init_distributed(timeout_s, "auto")
     try:
         yield env.device
     finally:
         if owned:
             shutdown(wait_for_peers=False)
-            # the group's address and port leave with it: a process started afterwards (a benchmark's next
-            # `cammsr train`) would inherit them and try to listen on this group's port
-            for key, value in rendezvous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @contextlib.contextmanager
