@@ -139,6 +139,9 @@ def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config
     metrics = json.loads((study / "trials" / "trial_0000" / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["history"]] == list(range(40))  # continued, not restarted
     assert metrics["test"] is None
+    header = (study / "best.yaml").read_text().splitlines()[1]
+    assert ("1 complete, 0 pruned, 0 failed trials; 1 interrupted by a stop (each continues from its checkpoint as a "
+            "new trial)") in header
 
 
 def test_a_stopped_study_leaves_its_best_config_and_continues_with_new_parameters(dataset, base_config, tmp_path):

@@ -271,10 +271,13 @@ def _write_results(study, settings: dict) -> dict:
              "resume_of": t.user_attrs.get("resume_of"), "repeat_of": t.user_attrs.get("repeat_of")}
             for t in study.get_trials(deepcopy=False)]
     atomic_write_text(study_dir / "trials.json", json.dumps(rows, indent=1))
-    states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    states = {s: sum(r["state"] == s and not r["interrupted"] for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    interrupted = sum(r["interrupted"] for r in rows)
     epochs = _epochs_trained(study.get_trials(deepcopy=False))
     configurations = (f"{_counted(study)} distinct configurations finished; {states['COMPLETE']} complete, "
-                      f"{states['PRUNED']} pruned, {states['FAIL']} failed trials")
+                      f"{states['PRUNED']} pruned, {states['FAIL']} failed trials"
+                      + (f"; {interrupted} interrupted by a stop (each continues from its checkpoint as a new "
+                         "trial)" if interrupted else ""))
     best = _best_trial(study)
     if best is not None:
         space: SearchSpace = settings["space"]
