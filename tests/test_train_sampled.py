@@ -13,7 +13,7 @@ import torch
 from cammsr.scoring import full_softmax_cross_entropy, gbce_beta, gbce_loss, sampled_softmax_cross_entropy
 from conftest import PY, ROOT, write_tiny_dataset
 from test_train_distributed import TINY, _run, _train_cmd
-from train.negatives import NegativeSampler
+from train.negatives import NegativeSampler, distinct_ids
 from train.parity import compare
 
 SAMPLED = ["model.loss_type=sampled_softmax", "train.num_negatives=16"]
@@ -59,6 +59,24 @@ def test_per_target_negatives_are_a_function_of_the_target_key():
     uniform = NegativeSampler("uniform", 101, 500, seed=1).draw_per_target(0, torch.arange(40))
     frequency = np.bincount(uniform.reshape(-1).numpy(), minlength=101) / uniform.numel()
     assert uniform.min() == 1 and uniform.max() == 100 and np.abs(frequency[1:] - 0.01).max() < 0.003
+
+
+def test_per_target_draws_stay_what_earlier_versions_drew():
+    """A run resumed by a newer version of the code draws what it drew before: the hash's values are pinned."""
+    uniform = NegativeSampler("uniform", 12102, 6, seed=2020).draw_per_target(41, torch.tensor([0, 9, 131412]))
+    assert uniform.tolist() == [[2294, 2679, 6557, 1572, 5720, 11772], [10009, 1560, 3762, 5633, 11044, 11149],
+                                [538, 5451, 11824, 9679, 6594, 958]]
+    counts = np.array([0, 100, 10, 0, 1, 50])
+    popular = NegativeSampler("popularity", 6, 6, seed=3, counts=counts).draw_per_target(7, torch.tensor([5]))
+    assert popular.tolist() == [[1, 5, 2, 5, 5, 1]]
+
+
+@pytest.mark.parametrize("num_rows", [12, 5000])  # counted (rows <= 4 x ids) and sorted
+def test_distinct_ids_are_torch_unique(num_rows):
+    ids = torch.randint(0, num_rows, (600,), generator=torch.Generator().manual_seed(num_rows))
+    expected = torch.unique(ids, return_inverse=True)
+    got = distinct_ids(ids, num_rows)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, expected))
 
 
 def _row_by_row(user, target_vectors, targets, table, index, ids):

@@ -29,7 +29,7 @@ from train.evaluate import evaluate, evaluation_users
 from train.items import ensure_feature_stores, load_item_inputs
 from train.media import MediaStream, computed_modalities, prefetched
 from train.monitor import Monitor, progress_bar, write_metrics
-from train.negatives import NegativeSampler, training_counts
+from train.negatives import NegativeSampler, distinct_ids, training_counts
 from train.step import model_inputs, training_loss
 from train.trained_modules import RecommenderWithEncoders, recommender_of
 
@@ -238,7 +238,7 @@ class Trainer:
         negatives = self._draw_negatives(batch).to(device)
         targets = batch.targets.reshape(-1)
         targets = targets[targets > 0]
-        ids, inverse = torch.unique(torch.cat([targets, negatives.reshape(-1)]), return_inverse=True)
+        ids, inverse = distinct_ids(torch.cat([targets, negatives.reshape(-1)]), self.num_items + 1)
         seq_emb, id_rows = self.table.lookup(batch.item_seq, ids)
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
         rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t.to(dtype) for t in

@@ -25,19 +25,43 @@ from train.distributed import all_reduce_sum
 _STREAM = 0x6E6567  # separates these draws from every other generator seeded with the run's seed
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a fast, well-mixed counter-based hash."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+def _splitmix64_(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array, in place (wrapping arithmetic): a fast, well-mixed counter-based
+    hash. In place because a step hashes T x S counters twice (Beauty: 524,288): temporaries cost more than the
+    arithmetic."""
+    shifted = x >> np.uint64(30)
+    x ^= shifted
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    np.right_shift(x, np.uint64(27), out=shifted)
+    x ^= shifted
+    x *= np.uint64(0x94D049BB133111EB)
+    np.right_shift(x, np.uint64(31), out=shifted)
+    x ^= shifted
+    return x
 
 
 def _uniform_per_key(seed: int, step: int, keys: np.ndarray, count: int) -> np.ndarray:
     """[len(keys), count] floats in [0, 1), a pure function of (seed, step, key, column)."""
-    base = _splitmix64(np.array([seed, _STREAM, step], dtype=np.uint64)).sum(dtype=np.uint64)
-    counters = keys.astype(np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)[None, :]
-    bits = _splitmix64(_splitmix64(counters ^ base) + base)
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    base = _splitmix64_(np.array([seed, _STREAM, step], dtype=np.uint64)).sum(dtype=np.uint64)
+    bits = keys.astype(np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)[None, :]
+    bits ^= base
+    _splitmix64_(bits)
+    bits += base
+    _splitmix64_(bits)
+    bits >>= np.uint64(11)
+    uniform = bits.astype(np.float64)
+    uniform *= 2.0 ** -53
+    return uniform
+
+
+def distinct_ids(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(ids, return_inverse=True) for ids in [0, num_rows): (the sorted distinct ids, each id's index
+    among them). A step's targets and per-target negatives (Beauty: ~525,000 draws over 12,102 rows) are counted
+    into a table of num_rows flags instead of sorted, 5x faster; a catalogue much larger than the draws is sorted."""
+    if num_rows > 4 * ids.numel():
+        return torch.unique(ids, return_inverse=True)
+    present = torch.bincount(ids, minlength=num_rows) > 0
+    return present.nonzero().squeeze(1), (present.cumsum(0) - 1)[ids]
 
 
 def training_counts(local: LocalSequences, num_rows: int) -> np.ndarray:
