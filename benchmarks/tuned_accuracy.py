@@ -9,6 +9,7 @@ public anchor's number beside them.
 Every study must be finished with the same number of distinct configurations (`cammsr tune --trials`): a comparison
 gives each model the same tuning budget, and the table prints it in trials and in epochs trained. Test is read here,
 once, from the run each study chose on validation (`training_runs.best_trial_results`); the studies never read it.
+One study alone gives its row against the anchor, without a paired column.
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ def parse_studies(pairs: list[str]) -> dict[str, Path]:
         if not sep or not name or not folder:
             raise SystemExit(f"{pair!r}: give NAME=STUDY_DIR")
         studies[name] = Path(folder)
-    if len(studies) < 2:
-        raise SystemExit("give at least two studies: the first is the reference of the paired column")
     return studies
 
 
@@ -88,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tuned_accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the prepared dataset every study trained on")
-    parser.add_argument("studies", nargs="+", metavar="NAME=STUDY_DIR", help="finished `cammsr tune` studies")
+    parser.add_argument("studies", nargs="+", metavar="NAME=STUDY_DIR",
+                        help="finished `cammsr tune` studies; the first is the reference of the paired column")
     parser.add_argument("--anchor", type=float, help="a public number on the same files and protocol (test NDCG@10)")
     parser.add_argument("--anchor-name", default="anchor", help="where the anchor comes from")
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<name>.json per model")
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                          + ", ".join(f"{name} {value}" for name, value in protocols.items()) + "): not comparable")
     results = {name: best_trial_results(folder, args.data) for name, folder in studies.items()}
     reference, *others = results
-    differences = paired_against(results[reference][0], {name: results[name][0] for name in others}, args.data)
+    differences = (paired_against(results[reference][0], {name: results[name][0] for name in others}, args.data)
+                   if others else {})
     print(f"\n{args.data}; {describe_machine()}\n")
     print(table(results, progress, differences, args.anchor))
     if args.record_prefix:

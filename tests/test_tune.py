@@ -226,6 +226,11 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
     assert rows["B"].group(1) == str(epochs) and rows["A"].group(4) == "-"
     difference = float(rows["B"].group(4).split()[0])
     assert abs(difference - (float(rows["B"].group(2)) - float(rows["A"].group(2)))) < 2e-4  # rounding of both
+    alone = subprocess.run(report[:6] + report[7:], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                           timeout=300)  # A alone: its row against the anchor, no paired column
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert re.search(rf"^\| A \| 2 / \d+ \| .* \| {rows['A'].group(2)} \| {rows['A'].group(3)} \| - \|$", alone.stdout,
+                     re.M), alone.stdout[-2000:]
 
 
 def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config, tmp_path):
