@@ -5,8 +5,8 @@
 
 The page: the headline claims in one table at the top (claim, ours, the peer's or the paper's number, ratio,
 machine, date, commit), then one section per area with its table, then the commands that reproduce every row.
-The notes file holds, per area, the few sentences a table needs (`## AREA` headings); no number belongs there
-that a record does not hold.
+The notes file holds, per area, the few sentences a table needs (`## AREA` headings), in the order the page shows
+the areas (an area without notes comes after them); no number belongs there that a record does not hold.
 """
 from __future__ import annotations
 
@@ -108,7 +108,9 @@ def render(records: list[dict], notes: dict[str, str]) -> str:
     if any(_ranking_mark(r) for r in records):
         lines += ["", "[1] measured before the tie-aware ranking (a target's rank counted only strictly higher items; "
                   "a model whose scores are all distinct gets the same metrics either way; not re-measured)."]
-    for area, group in groupby(records, key=lambda r: r["area"]):
+    order = {area: index for index, area in enumerate(notes)}
+    by_area = sorted(records, key=lambda r: (order.get(r["area"], len(order)), r["area"], r["id"]))
+    for area, group in groupby(by_area, key=lambda r: r["area"]):
         lines += ["", f"## {area}", ""]
         if notes.get(area):
             lines += [notes[area], ""]

@@ -80,7 +80,7 @@ def write_records(args, results: dict, progress: dict, differences: dict) -> Non
                      claim=f"{name} on {folder}, tuned on validation, test", metric="test NDCG@10",
                      ours=round(metrics["test"]["ndcg@10"], 4),
                      reference={"name": args.anchor_name, "value": args.anchor} if args.anchor else None,
-                     details=details, command=command)
+                     details=details, command=command, headline=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,14 @@ def test_a_written_record_appears_in_the_headline_table_and_its_section(tmp_path
                      command="python -m compare --both", results_dir=tmp_path)
     page = render(read_records(tmp_path), {})
     assert page.count("python -m compare --both") == 1 and "1-2. `python -m compare --both`" in page
+    # areas follow the notes file's order; one without notes comes last
+    page = render(read_records(tmp_path), read_notes_text(tmp_path, "## Speed\nFirst.\n## Accuracy\nSecond.\n"))
+    assert page.index("## Speed") < page.index("## Accuracy") < page.index("## Pair")
+
+
+def read_notes_text(folder, text: str) -> dict[str, str]:
+    (folder / "notes.md").write_text(text)
+    return read_notes(folder / "notes.md")
 
 
 def test_a_record_without_a_field_is_named(tmp_path):
