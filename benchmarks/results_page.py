@@ -6,7 +6,8 @@
 The page: the headline claims in one table at the top (claim, ours, the peer's or the paper's number, ratio,
 machine, date, commit), then one section per area with its table, then the commands that reproduce every row.
 The notes file holds, per area, the few sentences a table needs (`## AREA` headings), in the order the page shows
-the areas (an area without notes comes after them); no number belongs there that a record does not hold.
+the areas and their headline rows (an area without notes comes after them); no number belongs there that a record
+does not hold.
 """
 from __future__ import annotations
 
@@ -104,13 +105,13 @@ def render(records: list[dict], notes: dict[str, str]) -> str:
              "per number, written", "by the script that measured it); edit the records or "
              "`benchmarks/results/notes.md`, never this page. Earlier", "measurements and the studies behind the "
              "configs' choices: `git log -p BENCHMARKS.md`.", "", "## Headline claims", ""]
+    order = {area: index for index, area in enumerate(notes)}
+    records = sorted(records, key=lambda r: (order.get(r["area"], len(order)), r["area"], r["id"]))
     lines += headline_table([r for r in records if r["headline"]])
     if any(_ranking_mark(r) for r in records):
         lines += ["", "[1] measured before the tie-aware ranking (a target's rank counted only strictly higher items; "
                   "a model whose scores are all distinct gets the same metrics either way; not re-measured)."]
-    order = {area: index for index, area in enumerate(notes)}
-    by_area = sorted(records, key=lambda r: (order.get(r["area"], len(order)), r["area"], r["id"]))
-    for area, group in groupby(by_area, key=lambda r: r["area"]):
+    for area, group in groupby(records, key=lambda r: r["area"]):
         lines += ["", f"## {area}", ""]
         if notes.get(area):
             lines += [notes[area], ""]
