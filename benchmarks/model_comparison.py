@@ -10,8 +10,9 @@ Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Op
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys), then
 the study's best trial is ranked on test from its best checkpoint (`training_runs.best_trial_results`: no second
 training of the chosen config). Once every study has finished, each chosen config trains --timing-epochs epochs
-again, one model after the other, every modality from the first epoch (no ID warm-up);
-run the command alone: these are the table's epoch times, taken when nothing of the comparison runs beside them. The
+again, one model after the other, every modality from the first epoch (no ID warm-up): the table's epoch times.
+Before them the command waits until other processes use under 10% of the machine's CPU (--idle-wait-minutes, then it
+stops without timing; 0 skips the check), so that a study still running beside it cannot slow the numbers. The
 table gives test metrics, the validation value they were chosen on, the median epoch of the timing run in seconds,
 and each model's test NDCG@10 minus CAMMSR's per user (paired, with a bootstrap 95% interval), beside each paper's
 own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is
@@ -28,11 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, wait_until_idle
 from benchmarks.paired_comparison import format_difference, paired_against
-from benchmarks.training_runs import best_trial_results, train_or_resume
+from benchmarks.training_runs import best_trial_results, finished_metrics, train_or_resume
 
 MODELS = ("sasrec", "hm4sr", "findrec", "tame", "cammsr")
+IDLE_SHARE = 0.1  # other processes' share of the CPU under which an epoch time is taken
 NAMES = {"sasrec": "SASRec", "hm4sr": "HM4SR", "findrec": "FindRec", "tame": "TAME", "cammsr": "CAMMSR"}
 # Each paper's own NDCG@10 per dataset (the manifest's name), with its protocol, printed as recorded (never
 # recomputed). None of the four papers reports MovieLens-1M (FindRec reports MovieLens-100K).
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs each chosen config trains again once every study has finished: the table's "
                              "epoch time")
     parser.add_argument("--status", action="store_true", help="print each model's progress, run nothing")
+    parser.add_argument("--idle-wait-minutes", type=float, default=720,
+                        help="how long to wait for an idle machine before the timing runs (0: do not check)")
     parser.add_argument("overrides", nargs="*", help="key=value for every study and timing run (e.g. epochs cap)")
     args = parser.parse_args(argv)
     if args.timing_epochs < 1:
@@ -124,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         chosen[model] = tune(model, args, base, args.run_dir / model / "study")
         results[model] = best_trial_results(args.run_dir / model / "study", args.data)
+    if args.idle_wait_minutes > 0 and any(finished_metrics(args.run_dir / m / "timing") is None for m in results):
+        share = wait_until_idle(args.idle_wait_minutes, IDLE_SHARE)
+        if share >= IDLE_SHARE:
+            raise SystemExit(f"other processes still use {share:.0%} of the CPU after {args.idle_wait_minutes:g} min: "
+                             "no timing taken; run the command again when the machine is idle (it continues here)")
     seconds = {model: seconds_per_epoch(train_or_resume(args.data, str(chosen[model]), args.run_dir / model / "timing",
                                                         [f"train.max_epochs={args.timing_epochs}",
                                                          "train.id_warmup_epochs=0"]))

@@ -15,11 +15,20 @@ from train.config import load_config
 from train.tune import best_trial_run
 
 
+def finished_metrics(run_dir: Path) -> dict | None:
+    """The run's metrics.json when the run has finished (its test is in), else None."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return None
+    finished = json.loads(metrics.read_text())
+    return finished if finished.get("test") is not None else None
+
+
 def train_or_resume(data: str, config: str | None, run_dir: Path, overrides: list[str]) -> dict:
     """The run's metrics.json once it has finished."""
     metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("test") is not None:
-        finished = json.loads(metrics.read_text())
+    finished = finished_metrics(run_dir)
+    if finished is not None:
         _refuse_another_config(run_dir, finished, data, config, overrides)
         print(f"{run_dir}: finished, reused", flush=True)
         return finished

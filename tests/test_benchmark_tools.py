@@ -1,9 +1,12 @@
 """The per-step and per-validation benchmark tools on a real (tiny) trainer: step_ops attributes every forward op
 once, per model part and times the step; eval_time validates every user; accuracy_table reads a run's metrics; a
-finished benchmark run is reused only for its own config; the resumable benchmark commands run and continue."""
+finished benchmark run is reused only for its own config; the resumable benchmark commands run and continue; the idle
+check before a timing sees other processes' CPU and not its own children's."""
 import json
+import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +20,23 @@ TINY = ["model.hidden_size=8", "model.max_seq_len=6", "model.num_layers=1", "mod
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def test_the_idle_check_counts_other_processes_and_not_its_own_children():
+    """A spinning process is this test's child (outside the tree of a second, sibling process): the sibling's
+    measurement sees one more busy core than this process's, taken over the same seconds."""
+    from benchmarks.machine import others_cpu_share
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        sibling = subprocess.Popen([sys.executable, "-c", "from benchmarks.machine import others_cpu_share; "
+                                    "print(others_cpu_share(4.0))"], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
+                                   text=True)
+        own = others_cpu_share(4.0)
+        seen_by_sibling = float(sibling.communicate(timeout=60)[0])
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert seen_by_sibling - own > 0.6 / os.cpu_count()
 
 
 def test_step_ops_counts_each_phase_and_attributes_the_forward_to_model_parts(data):
@@ -128,7 +148,7 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     assert again.stdout.count("finished, reused") == 4 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
     compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
                "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"),
-               "--timing-epochs", "2", *TINY,
+               "--timing-epochs", "2", "--idle-wait-minutes", "0", *TINY,
                "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
     before = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                             timeout=120)
