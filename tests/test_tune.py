@@ -233,14 +233,18 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
                      re.M), alone.stdout[-2000:]
 
 
-def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config, tmp_path):
+@pytest.mark.parametrize("model, id_warmup_epochs", [("sasrec", 0), ("cammsr", 2)])
+def test_the_pruner_stops_trials_on_their_validation_curve(dataset, base_config, tmp_path, model, id_warmup_epochs):
+    """Rounds count from the end of the ID warm-up: with 2 warm-up epochs a trial is judged 2 epochs later."""
     space = _space(tmp_path, **{"pruner:kind": "threshold", "pruner:lower": 1.1, "pruner:startup_trials": None,
-                                "pruner:warmup_rounds": 1})
+                                "pruner:warmup_rounds": 1, "fixed:model.name": model,
+                                "fixed:train.id_warmup_epochs": id_warmup_epochs, "fixed:train.max_epochs": 6})
     study = tmp_path / "study"
     out = _tune(dataset, base_config, space, study, "--trials", "2")
     trials = _trials(study)
     assert [t["state"] for t in trials] == ["PRUNED", "PRUNED"]
-    assert all(t["epochs_run"] == 2 for t in trials)  # round 0 is warm-up, round 1 falls below 1.1: stopped
+    # round 0 is the pruner's warm-up, round 1 falls below 1.1: stopped
+    assert all(t["epochs_run"] == id_warmup_epochs + 2 for t in trials)
     assert "no complete trial yet: no best config written" in out and not (study / "best.yaml").exists()
 
 

@@ -6,8 +6,10 @@ again with the same parameters; it continues from the last checkpoint of its run
 (DIR/trials/trial_NNNN, a normal run directory: config.yaml, metrics.json, TensorBoard events, checkpoints).
 --trials counts distinct configurations: a proposal that repeats a finished trial's parameters takes that trial's
 result without training and is not counted. Every trial trains with eval.test=never, so no test metric is computed
-during a study. Each validation round is reported to the pruner (median of the earlier trials at the same epoch, or
-a threshold), which may stop a weak trial early.
+during a study. Each validation round that may select the best epoch is reported to the pruner (median of the
+earlier trials at the same round, or a threshold), which may stop a weak trial early. Rounds are counted from the end
+of a trial's ID warm-up (train.id_warmup_epochs), so a trial that trains its content pathways from epoch 10 is judged
+after as many rounds of them as one that trains them from epoch 0.
 `--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads
 (the cores this process may use: taskset and cpusets count).
 
@@ -152,14 +154,17 @@ def _objective(settings: dict):
         trial.set_user_attr("run_dir", str(run_dir))
         cfg = load_config(settings["config"], trial_overrides(settings, values))
         trainer = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
-        for record in trainer.state["history"]:  # a resumed trial's earlier rounds, for the pruner
-            if not record.get("id_warmup"):
-                trial.report(record["valid"][space.metric], record["epoch"])
+        candidates = [record["valid"][space.metric] for record in trainer.state["history"]
+                      if not record.get("id_warmup")]
+        for round_index, metric in enumerate(candidates):  # a resumed trial's earlier rounds, for the pruner
+            trial.report(metric, round_index)
 
         def report(epoch: int, metric: float) -> None:
-            trial.report(metric, epoch)
+            round_index = len(candidates)
+            candidates.append(metric)
+            trial.report(metric, round_index)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"valid {space.metric} {metric:.4f} at epoch {epoch}")
+                raise optuna.TrialPruned(f"valid {space.metric} {metric:.4f} at epoch {epoch} (round {round_index})")
 
         trainer.on_validation = report
         try:
@@ -253,7 +258,7 @@ def _plots(study, out: Path, metric: str) -> list[str]:
                 notes.append(f"{name}.png not drawn: {err}")
                 continue
             if name == "validation_curves":
-                axes.set_xlabel("epoch")
+                axes.set_xlabel("validation round (after any ID warm-up)")
                 axes.set_ylabel(f"valid {metric}")
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
