@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -26,9 +25,9 @@ def test_the_idle_check_counts_other_processes_and_not_its_own_children():
     """A spinning process is this test's child (outside the tree of a second, sibling process): the sibling's
     measurement sees one more busy core than this process's, taken over the same seconds."""
     from benchmarks.machine import others_cpu_share
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spinner = subprocess.Popen([PY, "-c", "while True: pass"])
     try:
-        sibling = subprocess.Popen([sys.executable, "-c", "from benchmarks.machine import others_cpu_share; "
+        sibling = subprocess.Popen([PY, "-c", "from benchmarks.machine import others_cpu_share; "
                                     "print(others_cpu_share(4.0))"], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
                                    text=True)
         own = others_cpu_share(4.0)
