@@ -1,7 +1,8 @@
 """`cammsr tune` on the trainer tests' tiny dataset: bad spaces stop before any trial, a parallel study writes its
 best config and plots and never ranks test, a second run continues the study, an interrupted trial continues from
 its checkpoint, a stopped study leaves its best config and continues with new parameters, a repeated configuration is
-neither trained nor counted, the pruner stops trials on their validation curve."""
+neither trained nor counted, a new study directory goes on from the study's ledger, the pruner stops trials on their
+validation curve."""
 import json
 import os
 import re
@@ -231,6 +232,38 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert re.search(rf"^\| A \| 2 / \d+ \| .* \| {rows['A'].group(2)} \| {rows['A'].group(3)} \| - \|$", alone.stdout,
                      re.M), alone.stdout[-2000:]
+
+
+def test_a_study_goes_on_from_its_ledger_in_a_new_study_directory(dataset, base_config, tmp_path):
+    """A machine that lost the study directory: a new one starts from the ledger's trials as they were (not trained
+    again), trains the best trial's config again for its model, to the same validation value, and goes on."""
+    space = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None, "pruner:warmup_rounds": None})
+    ledger, lost, new = tmp_path / "ledger.json", tmp_path / "lost", tmp_path / "new"
+    _tune(dataset, base_config, space, lost, "--trials", "2", "--ledger", str(ledger))
+    before = _trials(lost)
+    assert json.loads(ledger.read_text())["trials"] == before
+
+    out = _tune(dataset, base_config, space, new, "--trials", "2", "--ledger", str(ledger))
+    assert "2 of 2 trials done (2 trials taken from the ledger" in out
+    after = _trials(new)
+    kept = ("number", "state", "value", "params", "epochs_run", "best_epoch", "validation_rounds")
+    assert [{k: t[k] for k in kept} for t in after] == [{k: t[k] for k in kept} for t in before]
+    best = max(before, key=lambda t: t["value"])
+    other = next(t for t in before if t is not best)
+    assert f"best trial #{best['number']} trained again: valid ndcg@10 {best['value']:.4f}" in out
+    assert "the runs differ" not in out
+    metrics = json.loads((new / "trials" / f"trial_{best['number']:04d}" / "metrics.json").read_text())
+    assert metrics["valid"]["ndcg@10"] == pytest.approx(best["value"], abs=1e-9) and metrics["test"] is None
+    assert not (new / "trials" / f"trial_{other['number']:04d}").exists()  # only the best one's model is needed
+
+    _tune(dataset, base_config, space, new, "--trials", "3", "--ledger", str(ledger))
+    grown = json.loads(ledger.read_text())["trials"]
+    assert len(grown) == 3 and grown[2]["params"] not in (before[0]["params"], before[1]["params"])
+    with pytest.raises(ConfigError, match="holds 3 trials, the study in its --study-dir only 2"):
+        run_study(dataset, base_config, space, lost, 3, 1, "test", ledger)
+    with pytest.raises(ConfigError, match="holds a study of another data/config/space"):
+        run_study(dataset, base_config, _space(tmp_path, **{"fixed:eval.patience": 2}), tmp_path / "third", 3, 1,
+                  "test", ledger)
 
 
 @pytest.mark.parametrize("model, id_warmup_epochs", [("sasrec", 0), ("cammsr", 2)])

@@ -14,8 +14,13 @@ after as many rounds of them as one that trains them from epoch 0.
 (the cores this process may use: taskset and cpusets count).
 
 After every trial: DIR/best.yaml (the best trial's config, ready for `cammsr train --config`) and DIR/trials.json
-(every trial's state, value and parameters); at the end also DIR/plots/*.png (history, parameter importance,
-validation curves).
+(every trial's state, value, parameters and validation rounds); at the end also DIR/plots/*.png (history, parameter
+importance, validation curves).
+
+`--ledger FILE` keeps the study outside DIR as well (trials.json's rows with the setup's fingerprint, rewritten after
+every trial): a machine that lost DIR (or another one) starts a new DIR from the ledger's trials and goes on, and
+trains the best trial's config again when it needs that trial's model. A ledger of another space, config or
+dataset content is refused.
 """
 
 from __future__ import annotations
@@ -219,9 +224,14 @@ def _worker(settings: dict, index: int) -> None:
 
 
 def _setup_fingerprint(space: SearchSpace, base, data: str) -> str:
+    """What the study's trials depend on: the space, the base config and the dataset's content (its shards, not its
+    path, so that a study's ledger carries over to another machine's copy of the same data)."""
+    from data_shards.reader import PreparedDataset
+    from train.loop import data_fingerprint
     tree = base.to_dict()
     tree["data"].pop("path")
-    payload = {"space": space.fingerprint_payload(), "base": tree, "data": str(Path(data).resolve())}
+    payload = {"space": space.fingerprint_payload(), "base": tree,
+               "data": data_fingerprint(PreparedDataset(data, verify=False))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -266,16 +276,106 @@ def _plots(study, out: Path, metric: str) -> list[str]:
     return notes
 
 
+def _trial_row(trial) -> dict:
+    """One trial as trials.json and the ledger keep it: enough to add it to a new study as it was."""
+    from optuna.distributions import distribution_to_json
+    attrs = trial.user_attrs
+    return {"number": trial.number, "state": trial.state.name, "value": trial.value, "params": trial.params,
+            "epochs_run": attrs.get("epochs_run"), "best_epoch": attrs.get("best_epoch"),
+            "run_dir": attrs.get("run_dir"), "interrupted": bool(attrs.get("interrupted")),
+            "resume_of": attrs.get("resume_of"), "repeat_of": attrs.get("repeat_of"),
+            "validation_rounds": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
+            "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
+            "user_attrs": attrs}
+
+
+def _ledger_trial(row: dict):
+    """A ledger row as a finished trial for `study.add_trial`; a trial the ledger saw running was interrupted with
+    its machine and becomes one (failed, not counted), as `_recover_interrupted` marks a killed study's."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState
+    state = TrialState[row["state"]]
+    attrs = dict(row["user_attrs"], from_ledger=True)
+    if state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        state, attrs["interrupted"] = TrialState.FAIL, True
+    return optuna.trial.create_trial(
+        state=state, value=row["value"] if state == TrialState.COMPLETE else None, params=row["params"],
+        distributions={k: json_to_distribution(d) for k, d in row["distributions"].items()}, user_attrs=attrs,
+        intermediate_values={int(k): v for k, v in row["validation_rounds"].items()})
+
+
+def _import_ledger(study, ledger: Path, fingerprint: str) -> int:
+    """A new study directory starts from the ledger's trials (numbers, states, values, validation rounds and
+    parameters as they were), so that the study goes on where the ledger's machine stopped; trials that were running
+    there are queued again. A study directory that already holds trials must hold at least the ledger's."""
+    if not ledger.is_file():
+        return 0
+    try:
+        saved = json.loads(ledger.read_text())
+        rows = sorted(saved["trials"], key=lambda row: row["number"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--ledger {ledger}: not a study ledger ({err})") from None
+    if saved.get("setup_fingerprint") != fingerprint:
+        raise ConfigError(f"--ledger {ledger} holds a study of another data/config/space "
+                          f"({saved.get('setup_fingerprint')} != {fingerprint})")
+    present = len(study.get_trials(deepcopy=False))
+    if present:
+        if present < len(rows):
+            raise ConfigError(f"--ledger {ledger} holds {len(rows)} trials, the study in its --study-dir only "
+                              f"{present}: continue from the ledger in a new --study-dir")
+        return 0
+    if [row["number"] for row in rows] != list(range(len(rows))):
+        raise ConfigError(f"--ledger {ledger}: trial numbers are not 0..{len(rows) - 1}")
+    for row in rows:
+        trial = _ledger_trial(row)
+        study.add_trial(trial)
+        if row["state"] not in ("COMPLETE", "PRUNED", "FAIL"):
+            origin = int(row["user_attrs"].get("resume_of", row["number"]))
+            study.enqueue_trial(row["params"], user_attrs={"resume_of": origin}, skip_if_exists=False)
+    return len(rows)
+
+
+def _train_best_if_missing(study, settings: dict) -> None:
+    """The best trial's model where the study came from a ledger (its run lives on another machine): its config is
+    trained again in its own run directory, as the trial trained (validation only), and both values are printed. On
+    one CPU process and the same thread count the run repeats the trial's curve exactly."""
+    best = _best_trial(study)
+    if best is None or not best.user_attrs.get("from_ledger"):
+        return
+    run_dir = _trial_run_dir(settings["study_dir"], best)
+    cfg = load_config(settings["config"], trial_overrides(settings, best.params))
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if metrics["stopped_early"] or metrics["epochs_run"] >= cfg.train.max_epochs:
+            return
+    import torch
+
+    from train.loop import Trainer
+    torch.set_num_threads(settings["threads"])
+    print(f"best trial #{best.number}: its run is not in {run_dir} (the study came from a ledger): training its "
+          "config again there", flush=True)
+    trainer = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
+    try:
+        trainer.train()
+    finally:
+        trainer.release()
+    again = trainer.state["best_metric"]
+    print(f"best trial #{best.number} trained again: valid {settings['space'].metric} {again:.4f} at epoch "
+          f"{trainer.state['best_epoch']} (the ledger's: {best.value:.4f} at epoch {best.user_attrs.get('best_epoch')})"
+          + ("" if abs(again - best.value) < 1e-6 else "; the runs differ: another thread count or library version "
+             "changed the arithmetic"), flush=True)
+
+
 def _write_results(study, settings: dict) -> dict:
     """DIR/trials.json and DIR/best.yaml as the study stands; rewritten after every trial (atomically, since parallel
     workers write them too), so a study stopped at any point leaves its current best config."""
     study_dir = settings["study_dir"]
-    rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "epochs_run": t.user_attrs.get("epochs_run"), "best_epoch": t.user_attrs.get("best_epoch"),
-             "run_dir": t.user_attrs.get("run_dir"), "interrupted": bool(t.user_attrs.get("interrupted")),
-             "resume_of": t.user_attrs.get("resume_of"), "repeat_of": t.user_attrs.get("repeat_of")}
-            for t in study.get_trials(deepcopy=False)]
+    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
     atomic_write_text(study_dir / "trials.json", json.dumps(rows, indent=1))
+    if settings["ledger"] is not None:
+        atomic_write_text(settings["ledger"], json.dumps({"setup_fingerprint": settings["fingerprint"],
+                                                          "command": settings["command"], "trials": rows}, indent=1))
     states = {s: sum(r["state"] == s and not r["interrupted"] for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
     interrupted = sum(r["interrupted"] for r in rows)
     epochs = _epochs_trained(study.get_trials(deepcopy=False))
@@ -311,7 +411,7 @@ def _summarise(study, settings: dict) -> None:
 
 
 def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path, trials: int, parallel: int,
-              command: str) -> None:
+              command: str, ledger: Path | None = None) -> None:
     if not data.is_dir():
         raise DataError(f"--data {data}: no such folder")
     if trials < 1 or parallel < 1:
@@ -330,19 +430,22 @@ def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path
         raise ConfigError(f"--study-dir {study_dir}: another `cammsr tune` is running on this study") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = {"data": str(data), "config": config, "space": space, "study_dir": study_dir, "trials": trials,
-                "parallel": parallel, "threads": max(1, len(os.sched_getaffinity(0)) // parallel), "command": command}
+                "parallel": parallel, "threads": max(1, len(os.sched_getaffinity(0)) // parallel), "command": command,
+                "ledger": ledger, "fingerprint": _setup_fingerprint(space, base, str(data))}
     storage = _storage(study_dir)
     study = _open_study(settings, 0, storage)
-    fingerprint = _setup_fingerprint(space, base, str(data))
+    fingerprint = settings["fingerprint"]
     stored = study.user_attrs.get("setup_fingerprint")
     if stored is None:
         study.set_user_attr("setup_fingerprint", fingerprint)
     elif stored != fingerprint:
         raise ConfigError(f"--study-dir {study_dir} holds a study of another data/config/space "
                           f"({stored} != {fingerprint}); pass a new --study-dir to start another study")
+    imported = 0 if ledger is None else _import_ledger(study, ledger, fingerprint)
     recovered = _recover_interrupted(study, storage)
     settings["done_at_start"] = _counted(study)
     print(f"study {study_dir}: {settings['done_at_start']} of {trials} trials done"
+          + (f" ({imported} trials taken from the ledger {ledger})" if imported else "")
           + (f", {recovered} interrupted trial(s) queued to continue from their checkpoints" if recovered else "")
           + f"; {parallel} worker process(es) x {settings['threads']} threads; validation {space.metric}, "
           f"test never computed", flush=True)
@@ -358,14 +461,15 @@ def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path
         failed = [w.exitcode for w in workers if w.exitcode]
         if failed:
             print(f"{len(failed)} worker process(es) exited with {failed}; the study keeps what they finished")
+    _train_best_if_missing(study, settings)
     _summarise(study, settings)
 
 
 def _run_tune(args) -> None:
-    command = ("cammsr tune --data {} {}--space {} --study-dir {} --trials {} --parallel {}"
+    command = ("cammsr tune --data {} {}--space {} --study-dir {} --trials {} --parallel {}{}"
                .format(args.data, f"--config {args.config} " if args.config else "", args.space, args.study_dir,
-                       args.trials, args.parallel))
-    run_study(args.data, args.config, args.space, args.study_dir, args.trials, args.parallel, command)
+                       args.trials, args.parallel, f" --ledger {args.ledger}" if args.ledger else ""))
+    run_study(args.data, args.config, args.space, args.study_dir, args.trials, args.parallel, command, args.ledger)
 
 
 def add_tune_command(subparsers) -> argparse.ArgumentParser:
@@ -383,6 +487,10 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--trials", type=int, default=20,
                         help="distinct configurations the study should have finished in total")
     parser.add_argument("--parallel", type=int, default=1, help="worker processes running trials at once")
+    parser.add_argument("--ledger", type=Path,
+                        help="a JSON copy of the study kept outside STUDY_DIR (say, committed beside the project), "
+                             "rewritten after every trial: a new STUDY_DIR, on this or another machine, starts from "
+                             "its trials instead of from zero, and trains the best one's config again for its model")
     parser.set_defaults(run=_run_tune)
     return parser
 
