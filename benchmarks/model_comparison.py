@@ -4,7 +4,7 @@ same budget, then read on test at the best validation epoch of the run the study
 
     python -m benchmarks.model_comparison --data data/quickstart --config configs/quickstart.yaml \\
         --spaces configs/spaces/compare --trials 4 --run-dir runs/compare_quickstart [--record-prefix ID] \\
-        [--models sasrec,hm4sr,findrec,tame,cammsr] [--timing-epochs 3] [--status] [key=value ...]
+        [--ledgers DIR] [--models sasrec,hm4sr,findrec,tame,cammsr] [--timing-epochs 3] [--status] [key=value ...]
 
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys), then
@@ -12,12 +12,13 @@ the study's best trial is ranked on test from its best checkpoint (`training_run
 training of the chosen config). Once every study has finished, each chosen config trains --timing-epochs epochs
 again, one model after the other, every modality from the first epoch (no ID warm-up): the table's epoch times.
 Before them the command waits until other processes use under 10% of the machine's CPU (--idle-wait-minutes, then it
-stops without timing; 0 skips the check), so that a study still running beside it cannot slow the numbers. The
-table gives test metrics, the validation value they were chosen on, the median epoch of the timing run in seconds,
-and each model's test NDCG@10 minus CAMMSR's per user (paired, with a bootstrap 95% interval), beside each paper's
-own number on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is
-not trained; its row says why. Everything continues where it stopped: finished studies and runs are reused. --status
-prints how far each model has got (trials, best validation so far, the chosen run, the timing run) and runs nothing.
+stops without timing; 0 skips the check), so that a study still running beside it cannot slow the numbers. The table
+gives test metrics, the validation value they were chosen on, the median epoch of the timing run in seconds, and each
+model's test NDCG@10 minus CAMMSR's per user (paired, with a bootstrap 95% interval), beside each paper's own number
+on that dataset with its protocol. A model whose config the data cannot run (FindRec without images) is not trained;
+its row says why. Everything continues where it stopped: finished studies and runs are reused (with --ledgers,
+studies go on from the ledgers on a machine that lacks --run-dir). --status prints how far each model has got
+(trials, best validation so far, the chosen run, the timing run) and runs nothing.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def refusal(model: str, base: Path) -> str | None:
 def tune(model: str, args, base: Path, study_dir: Path) -> Path:
     """Run (or continue) the model's study; its best config file."""
     command = [sys.executable, "-m", "launch.cli", "tune", "--data", args.data, "--config", str(base), "--space",
-               str(args.spaces / f"{model}.yaml"), "--study-dir", str(study_dir), "--trials", str(args.trials)]
+               str(args.spaces / f"{model}.yaml"), "--study-dir", str(study_dir), "--trials", str(args.trials),
+               *(["--ledger", str(args.ledgers / f"{model}.json")] if args.ledgers else [])]
     print("tuning: " + " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
         raise SystemExit(f"the {model} study failed (its output is above)")
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<model>.json per model")
+    parser.add_argument("--ledgers", type=Path,
+                        help="a folder for each study's ledger (LEDGERS/<model>.json, `cammsr tune --ledger`): "
+                             "studies go on from them on a machine without --run-dir")
     parser.add_argument("--timing-epochs", type=int, default=3,
                         help="epochs each chosen config trains again once every study has finished: the table's "
                              "epoch time")

@@ -147,7 +147,7 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     assert again.stdout.count("finished, reused") == 4 and again.stdout.endswith(first.stdout.split("\n\n")[-1])
     compare = [PY, "-m", "benchmarks.model_comparison", "--data", str(data), "--spaces", "configs/spaces/compare",
                "--trials", "1", "--models", "sasrec,findrec,cammsr", "--run-dir", str(tmp_path / "compare"),
-               "--timing-epochs", "2", "--idle-wait-minutes", "0", *TINY,
+               "--timing-epochs", "2", "--idle-wait-minutes", "0", "--ledgers", str(tmp_path / "ledgers"), *TINY,
                "model.modalities=[id,text]", "model.mscl_pairs=[[id,text]]", "max_epochs=1"]
     before = subprocess.run(compare + ["--status"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                             timeout=120)
@@ -173,6 +173,9 @@ def test_paper_study_and_model_comparison_run_and_continue(data, tmp_path):
     assert "| paper's synthetic NDCG@10 (its protocol) |" in proc.stdout
     assert re.search(r"^\| SASRec \|.*\| none \|$", proc.stdout, re.M)  # no paper reports the synthetic data
     assert re.search(r"^\| FindRec \| not run: .*FindRec reads all of", proc.stdout, re.M), proc.stdout[-2000:]
+    for model in ("sasrec", "cammsr"):  # each study also kept in its ledger
+        ledger = json.loads((tmp_path / "ledgers" / f"{model}.json").read_text())
+        assert [t["state"] for t in ledger["trials"]] == ["COMPLETE"]
     assert not (tmp_path / "compare" / "findrec").exists()
     trials = json.loads((tmp_path / "compare" / "cammsr" / "study" / "trials.json").read_text())
     assert len(trials) == 1

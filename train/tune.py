@@ -423,6 +423,8 @@ def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path
                           "configurations")
     import optuna
     study_dir.mkdir(parents=True, exist_ok=True)
+    if ledger is not None:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
     lock = open(study_dir / ".tune.lock", "w")  # noqa: SIM115 -- held for the whole study
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
