@@ -89,17 +89,29 @@ class ModalityExperts(nn.Module):
         nn.init.zeros_(self.b2)
 
     def forward(self, e: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """e [..., M, d], gates [..., M, K] -> sum_k g_k Expert_k(input) as [..., M, d]."""
-        if self.variant == "camoe":
-            hidden = torch.einsum("...i,mkih->...mkh", e.flatten(-2), self.w1) + self.b1
-        elif self.variant == "moe":
-            hidden = torch.einsum("...mi,mkih->...mkh", e, self.w1) + self.b1
-        else:
-            hidden = torch.einsum("...mi,kih->...mkh", e, self.w1[0]) + self.b1[0]
-        weighted = F.gelu(hidden) * gates[..., None]
-        w2 = self.w2.expand(self.num_modalities, -1, -1, -1)
-        b2 = self.b2.expand(self.num_modalities, -1, -1)
-        return torch.einsum("...mkh,mkhd->...md", weighted, w2) + torch.einsum("...mk,mkd->...md", gates, b2)
+        """e [..., M, d], gates [..., M, K] -> sum_k g_k Expert_k(input) as [..., M, d].
+
+        Each (modality, expert) pair is one batch of a bmm over all tokens, [M*K, T, *]: the inner activations are
+        never permuted, and the gates weight the d-wide expert outputs rather than the inner-wide activations
+        (sum_k g_k (gelu(h_k) W2_k + b2_k), Eq. 5 as written); either step at [T, M, K, inner] cost more than the
+        matmuls themselves.
+        """
+        modalities, experts = self.num_modalities, self.w1.shape[1]
+        pairs = modalities * experts
+        tokens = e.reshape(-1, modalities, e.shape[-1])  # [T, M, d]
+        count = tokens.shape[0]
+        if self.variant == "camoe":  # every expert of every modality reads the concatenation
+            inputs = tokens.flatten(1)[None].expand(pairs, -1, -1)
+        else:  # each modality's experts read that modality
+            inputs = tokens.transpose(0, 1)[:, None].expand(-1, experts, -1, -1).reshape(pairs, count, -1)
+        w1 = self.w1.expand(modalities, -1, -1, -1).reshape(pairs, *self.w1.shape[2:])
+        b1 = self.b1.expand(modalities, -1, -1).reshape(pairs, 1, -1)
+        w2 = self.w2.expand(modalities, -1, -1, -1).reshape(pairs, *self.w2.shape[2:])
+        b2 = self.b2.expand(modalities, -1, -1).reshape(pairs, 1, -1)
+        outputs = torch.baddbmm(b2, F.gelu(torch.baddbmm(b1, inputs, w1)), w2)  # [M*K, T, d]
+        mixed = torch.einsum("mktd,tmk->tmd", outputs.view(modalities, experts, count, -1),
+                             gates.reshape(count, modalities, experts))
+        return mixed.reshape(e.shape)
 
 
 class MixtureOfExperts(nn.Module):
