@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .layers import StandardizingLinear
 
 
 class ItemRepresentation(nn.Module):
@@ -25,7 +26,7 @@ class ItemRepresentation(nn.Module):
             if modality in cfg.modalities:
                 if dim < 1:
                     raise ValueError(f"{modality}_dim={dim}: modality {modality!r} is enabled but has no features")
-                self.projections[modality] = nn.Linear(dim, cfg.hidden_size)
+                self.projections[modality] = StandardizingLinear(dim, cfg.hidden_size)
                 if self.standardize:
                     self.register_buffer(f"{modality}_mean", torch.zeros(dim))
                     self.register_buffer(f"{modality}_inv_std", torch.ones(dim))
@@ -53,10 +54,10 @@ class ItemRepresentation(nn.Module):
                 self.fit_feature_statistics(modality, table, table.abs().sum(dim=1) > 0)
 
     def _features(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
-        if self.standardize:
-            mean, inv_std = getattr(self, f"{modality}_mean"), getattr(self, f"{modality}_inv_std")
-            rows = (rows - mean.to(rows.dtype)) * inv_std.to(rows.dtype)
-        return self.projections[modality](rows)
+        if not self.standardize:
+            return self.projections[modality](rows)
+        return self.projections[modality](rows, getattr(self, f"{modality}_mean"),
+                                          getattr(self, f"{modality}_inv_std")).to(rows.dtype)
 
     def project(self, id_rows: torch.Tensor | None, text_rows: torch.Tensor | None,
                 image_rows: torch.Tensor | None) -> torch.Tensor:

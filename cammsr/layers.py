@@ -25,6 +25,21 @@ class DyT(nn.Module):
         return y * self.weight + self.bias if self.affine else y
 
 
+class StandardizingLinear(nn.Linear):
+    """nn.Linear that may read standardised inputs, linear((x - mean) * inv_std), with the standardisation folded
+    into its weights: x (W diag(inv_std))^T + (b - W diag(inv_std) mean), so that no standardised copy of a feature
+    table is written at every step. Folded in fp32 whatever the autocast: the folded bias cancels the features'
+    common direction, which bf16 would round away. Its own module, so that ZeRO-3 gathers the weight when it runs."""
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None,
+                inv_std: torch.Tensor | None = None) -> torch.Tensor:
+        if mean is None:
+            return super().forward(x)
+        weight = self.weight.float() * inv_std
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), weight, self.bias.float() - weight @ mean)
+
+
 def make_norm(dim: int, use_dyt: bool, eps: float, dyt_alpha_init: float, dyt_affine: bool) -> nn.Module:
     if use_dyt:
         return DyT(dim, dyt_alpha_init, dyt_affine)

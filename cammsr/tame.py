@@ -69,7 +69,7 @@ from torch import nn
 
 from .base import ModelOutput, SequentialRecommender, TargetContrast
 from .config import ModelConfig
-from .layers import SequenceEncoder, causal_padding_mask, init_weights_
+from .layers import SequenceEncoder, StandardizingLinear, causal_padding_mask, init_weights_
 
 CONTENT_MODALITIES = ("text", "image")
 
@@ -108,12 +108,6 @@ class TokenStandardizer(nn.Module):
         self.mean.copy_(mean)
         self.inv_std.copy_((variance.clamp_min(0).sqrt().clamp_min(1e-4) * math.sqrt(dim)).reciprocal())
 
-    def folded_into(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """linear's weight and bias with the standardisation folded in: (x - mean) * inv_std W^T + b =
-        x (W diag(inv_std))^T + (b - W diag(inv_std) mean), so no standardised copy of a token table is written."""
-        weight = linear.weight.float() * self.inv_std
-        return weight, linear.bias.float() - weight @ self.mean
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # in fp32: encoder outputs share a large common direction that a bf16 subtraction would round away
         return ((tokens.float() - self.mean) * self.inv_std).to(tokens.dtype)
@@ -126,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.query = nn.Linear(query_dim, width)
-        self.key_value = nn.Linear(key_dim, 2 * width)
+        self.key_value = StandardizingLinear(key_dim, 2 * width)
         self.out = nn.Linear(width, out_dim)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -144,9 +138,7 @@ class MultiHeadAttention(nn.Module):
     def _key_values(self, keys: torch.Tensor, standardizer: TokenStandardizer | None) -> torch.Tensor:
         if standardizer is None:
             return self.key_value(keys)
-        # in fp32 for TokenStandardizer.forward's reason: the folded bias cancels the tokens' common direction
-        with torch.autocast(device_type=keys.device.type, enabled=False):
-            return F.linear(keys.float(), *standardizer.folded_into(self.key_value))
+        return self.key_value(keys, standardizer.mean, standardizer.inv_std)
 
 
 class ModalityRetriever(nn.Module):
