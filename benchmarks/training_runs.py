@@ -59,7 +59,8 @@ def best_trial_results(study_dir: Path, data: str) -> tuple[Path, dict]:
     """(run directory, metrics.json) of the study's best trial, with "test" ranked from the trial's best checkpoint
     by the run's own evaluation: the chosen config's test at its best validation round, from the very run the
     study chose on validation (training its config again gives the same curve on one CPU process and costs a
-    whole run). Nothing is written to the trial's folder."""
+    whole run; a study taken from a ledger has done so once, `cammsr tune --ledger`). Nothing is written to the
+    trial's folder."""
     from train.recommend import RunRecommender
     run = best_trial_run(study_dir)
     if run is None:
