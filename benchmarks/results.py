@@ -20,7 +20,8 @@ FIELDS = ("id", "area", "claim", "metric", "ours", "reference", "higher_is_bette
 
 
 def machine_line(machine: dict) -> str:
-    device = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores, no GPU"
+    cores = machine["cores"]
+    device = machine.get("gpu") or f"{machine['cpu']}, {cores} core{'' if cores == 1 else 's'}, no GPU"
     return f"{device}; torch {machine['torch']}"
 
 
