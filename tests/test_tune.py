@@ -15,7 +15,7 @@ import yaml
 
 from conftest import PY, ROOT, cpu_env, write_tiny_dataset
 from train.config import ConfigError, load_config
-from train.tune import run_study
+from train.tune import _serialise_asks, run_study
 
 BASE = {"model": {"name": "sasrec", "hidden_size": 8, "max_seq_len": 6, "num_layers": 1, "num_heads": 1,
                   "loss_type": "sampled_softmax"},
@@ -232,6 +232,27 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert re.search(rf"^\| A \| 2 / \d+ \| .* \| {rows['A'].group(2)} \| {rows['A'].group(3)} \| - \|$", alone.stdout,
                      re.M), alone.stdout[-2000:]
+
+
+def test_workers_ask_for_trials_one_at_a_time(tmp_path):
+    """A queued trial (an interrupted one's continuation) must go to one worker, and SQLite ignores the row lock that
+    Optuna's queue relies on: a worker's ask waits while another holds the study's ask lock."""
+    import fcntl
+    import threading
+
+    import optuna
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study.enqueue_trial({"x": 1.0})
+    _serialise_asks(study, tmp_path / ".ask.lock")
+    asked = []
+    with open(tmp_path / ".ask.lock", "w") as other_worker:
+        fcntl.flock(other_worker, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: asked.append(study.ask()))
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not asked  # waiting for the other worker's ask
+    thread.join(timeout=30)
+    assert [trial.number for trial in asked] == [0] and asked[0].suggest_float("x", 0, 2) == 1.0
 
 
 def test_a_study_goes_on_from_its_ledger_in_a_new_study_directory(dataset, base_config, tmp_path):

@@ -205,6 +205,20 @@ def _progress(settings: dict, started: float):
     return callback
 
 
+def _serialise_asks(study, lock_path: Path) -> None:
+    """One `ask` at a time across the study's worker processes. A queued trial (an interrupted one's continuation)
+    is popped by reading it WAITING, then setting it RUNNING under SELECT ... FOR UPDATE, which SQLite ignores: two
+    workers could both pop it and train it at once in one run directory (seen with --parallel 2)."""
+    ask = study.ask
+
+    def locked_ask(*args, **kwargs):
+        with open(lock_path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            return ask(*args, **kwargs)
+
+    study.ask = locked_ask  # Study.optimize asks through the instance
+
+
 def _worker(settings: dict, index: int) -> None:
     import optuna
     import torch
@@ -214,6 +228,7 @@ def _worker(settings: dict, index: int) -> None:
     torch.set_num_threads(settings["threads"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(settings, index)
+    _serialise_asks(study, settings["study_dir"] / ".ask.lock")
     if _counted(study) >= settings["trials"]:
         return
     try:
