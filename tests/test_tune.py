@@ -1,8 +1,8 @@
 """`cammsr tune` on the trainer tests' tiny dataset: bad spaces stop before any trial, a parallel study writes its
 best config and plots and never ranks test, a second run continues the study, an interrupted trial continues from
-its checkpoint, a stopped study leaves its best config and continues with new parameters, a repeated configuration is
-neither trained nor counted, a new study directory goes on from the study's ledger, the pruner stops trials on their
-validation curve."""
+its checkpoint, an edit of the base config during a study changes no trial, a stopped study leaves its best config
+and continues with new parameters, a repeated configuration is neither trained nor counted, a new study directory
+goes on from the study's ledger, the pruner stops trials on their validation curve."""
 import json
 import os
 import re
@@ -143,6 +143,28 @@ def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config
     header = (study / "best.yaml").read_text().splitlines()[1]
     assert ("1 complete, 0 pruned, 0 failed trials; 1 interrupted by a stop (each continues from its checkpoint as a "
             "new trial)") in header
+
+
+def test_an_edit_of_the_config_during_a_study_changes_no_trial(dataset, tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(BASE))
+    space, study = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None,
+                                       "pruner:warmup_rounds": None}), tmp_path / "study"
+    proc = _tune(dataset, config, space, study, "--trials", "2", start_new_session=True)
+    deadline = time.time() + 180
+    while not (study / "trials" / "trial_0000").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.05)
+    edited = json.loads(json.dumps(BASE))
+    edited["model"]["hidden_size"] = 16
+    config.write_text(yaml.safe_dump(edited))
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    assert load_config(study / "base.yaml").model.hidden_size == 8
+    for trial in _trials(study):
+        assert load_config(study / "trials" / f"trial_{trial['number']:04d}" / "config.yaml").model.hidden_size == 8
+    assert load_config(study / "best.yaml").model.hidden_size == 8
+    with pytest.raises(ConfigError, match="holds a study of another data/config/space"):
+        run_study(dataset, config, space, study, 3, 1, "test")
 
 
 def test_a_stopped_study_leaves_its_best_config_and_continues_with_new_parameters(dataset, base_config, tmp_path):

@@ -6,10 +6,12 @@ again with the same parameters; it continues from the last checkpoint of its run
 (DIR/trials/trial_NNNN, a normal run directory: config.yaml, metrics.json, TensorBoard events, checkpoints).
 --trials counts distinct configurations: a proposal that repeats a finished trial's parameters takes that trial's
 result without training and is not counted. Every trial trains with eval.test=never, so no test metric is computed
-during a study. Each validation round that may select the best epoch is reported to the pruner (median of the
-earlier trials at the same round, or a threshold), which may stop a weak trial early. Rounds are counted from the end
-of a trial's ID warm-up (train.id_warmup_epochs), so a trial that trains its content pathways from epoch 10 is judged
-after as many rounds of them as one that trains them from epoch 0.
+during a study. Trials read the base config from DIR/base.yaml, --config as resolved when the study started: an
+edit of that file during the study changes no trial (and a later start with the edited file is refused). Each
+validation round that may select the best epoch is reported to the pruner (median of the earlier trials at the same
+round, or a threshold), which may stop a weak trial early. Rounds are counted from the end of a trial's ID warm-up
+(train.id_warmup_epochs), so a trial that trains its content pathways from epoch 10 is judged after as many rounds
+of them as one that trains them from epoch 0.
 `--parallel P` runs P worker processes on the one study, each trial a world of one process with cores/P threads
 (the cores this process may use: taskset and cpusets count).
 
@@ -250,6 +252,16 @@ def _setup_fingerprint(space: SearchSpace, base, data: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _freeze_base_config(config: Path | None, study_dir: Path) -> Path:
+    """DIR/base.yaml: the --config as the study (re)started, resolved; every trial reads it, so an edit of the
+    --config file while the study runs cannot change its later trials (the next start with the edited file is
+    refused by the setup's fingerprint)."""
+    path = study_dir / "base.yaml"
+    atomic_write_text(path, f"# The base config of the study in {study_dir}: --config {config} as resolved at the "
+                            f"study's last start; its trials read this file\n" + load_config(config).to_yaml())
+    return path
+
+
 def _recover_interrupted(study, storage) -> int:
     """Trials left RUNNING by a killed study: marked failed (not counted) and queued again with their parameters
     and run directory, so they continue from their last checkpoint. Only called under the study's lock."""
@@ -458,6 +470,7 @@ def run_study(data: Path, config: Path | None, space_path: Path, study_dir: Path
     elif stored != fingerprint:
         raise ConfigError(f"--study-dir {study_dir} holds a study of another data/config/space "
                           f"({stored} != {fingerprint}); pass a new --study-dir to start another study")
+    settings["config"] = _freeze_base_config(config, study_dir)
     imported = 0 if ledger is None else _import_ledger(study, ledger, fingerprint)
     recovered = _recover_interrupted(study, storage)
     settings["done_at_start"] = _counted(study)
