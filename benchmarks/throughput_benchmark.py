@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "recbole_sasrec.py"
 DEFAULT_PEER_PYTHON = ROOT / ".peer-venv" / "recbole" / "bin" / "python"
 DATASETS = {  # --dataset NAME -> (prepared data, config); --data / --config override
-    "beauty": ("data/beauty", "configs/beauty.yaml"),
+    "beauty": ("data/beauty", "configs/beauty_recbole.yaml"),
     "ml1m": ("data/ml1m", "configs/ml1m.yaml"),
 }
 SYSTEMS = ("recbole-sasrec", "sasrec", "cammsr")
