@@ -188,6 +188,8 @@ def _objective(settings: dict):
 
 
 def _progress(settings: dict, started: float):
+    from optuna.trial import TrialState
+
     def callback(study, trial) -> None:
         done = _counted(study)
         total = settings["trials"]
@@ -202,7 +204,10 @@ def _progress(settings: dict, started: float):
               + (f"#{best.number} {best.value:.4f}" if best else "none yet")
               + f"; {rate / 60:.1f} min/trial, ETA {eta / 60:.0f} min", flush=True)
         _write_results(study, settings)
-        if done >= total:
+        # trials other workers are training count too: a worker that started another one as the last ran out would
+        # take the study past its budget (with 19 of 20 done and one running, a 21st configuration)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if done + running >= total:
             study.stop()
     return callback
 
