@@ -10,6 +10,7 @@ from train.config import load_config
 from train.tune_space import load_space
 
 TUNED = {  # shipped config -> (the study's ledger, space, base config)
+    "beauty.yaml": ("beauty_cammsr.json", "beauty_cammsr.yaml", "beauty_recbole.yaml"),
     "beauty_sasrec.yaml": ("beauty_sasrec.json", "beauty_sasrec.yaml", "beauty_recbole.yaml"),
 }
 
