@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT
 from train.config import load_config
+from train.tune import ready_config
 from train.tune_space import load_space
 
 TUNED = {  # shipped config -> (the study's ledger, space, base config)
@@ -26,7 +27,7 @@ def test_a_tuned_config_is_its_study_best_trial(shipped):
     finished = [row for row in ledger["trials"] if row["state"] == "COMPLETE" and row["repeat_of"] is None]
     best = max(finished, key=lambda row: row["value"])
     space, _ = load_space(ROOT / "configs" / "spaces" / space_name, ROOT / "configs" / base_name, "data")
-    chosen = load_config(ROOT / "configs" / base_name, [f"eval.metric={space.metric}"] + space.overrides(best["params"]))
+    chosen = ready_config(ROOT / "configs" / base_name, space, best["params"])
     shipped_values, chosen_values = _flat(load_config(ROOT / "configs" / shipped).to_dict()), _flat(chosen.to_dict())
     assert shipped_values.keys() == chosen_values.keys()
     for key, value in chosen_values.items():  # Optuna's stepped floats: 0.30000000000000004 is written 0.3

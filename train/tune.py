@@ -399,6 +399,11 @@ def _train_best_if_missing(study, settings: dict) -> None:
              "changed the arithmetic"), flush=True)
 
 
+def ready_config(config, space: SearchSpace, params: dict):
+    """A trial's parameters as a ready training config: the base, the space's fixed values, the parameters (test on)."""
+    return load_config(config, [f"eval.metric={space.metric}"] + space.overrides(params))
+
+
 def _write_results(study, settings: dict) -> dict:
     """DIR/trials.json and DIR/best.yaml as the study stands; rewritten after every trial (atomically, since parallel
     workers write them too), so a study stopped at any point leaves its current best config."""
@@ -418,7 +423,7 @@ def _write_results(study, settings: dict) -> dict:
     best = _best_trial(study)
     if best is not None:
         space: SearchSpace = settings["space"]
-        cfg = load_config(settings["config"], [f"eval.metric={space.metric}"] + space.overrides(best.params))
+        cfg = ready_config(settings["config"], space, best.params)
         header = [f"# Best trial #{best.number} of the study in {study_dir} (cammsr tune), chosen on VALIDATION "
                   f"{space.metric} {best.value:.4f} (best epoch {best.user_attrs.get('best_epoch')}).",
                   f"# {configurations}, {epochs} epochs trained in all; command: {settings['command']}",
@@ -530,4 +535,4 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["add_tune_command", "run_study", "trial_overrides"]
+__all__ = ["add_tune_command", "ready_config", "run_study", "trial_overrides"]
