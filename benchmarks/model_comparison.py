@@ -4,7 +4,8 @@ same budget, then read on test at the best validation epoch of the run the study
 
     python -m benchmarks.model_comparison --data data/quickstart --config configs/quickstart.yaml \\
         --spaces configs/spaces/compare --trials 4 --run-dir runs/compare_quickstart [--record-prefix ID] \\
-        [--ledgers DIR] [--models sasrec,hm4sr,findrec,tame,cammsr] [--timing-epochs 3] [--status] [key=value ...]
+        [--ledgers DIR] [--parallel P] [--models sasrec,hm4sr,findrec,tame,cammsr] [--timing-epochs 3] [--status] \\
+        [key=value ...]
 
 Per model M: `cammsr tune --space SPACES/M.yaml --trials T` (validation only, Optuna, resumable; every space of a
 directory has the same shared parameters, epochs cap, patience and pruner, and adds only the model's own keys), then
@@ -78,6 +79,7 @@ def tune(model: str, args, base: Path, study_dir: Path) -> Path:
     """Run (or continue) the model's study; its best config file."""
     command = [sys.executable, "-m", "launch.cli", "tune", "--data", args.data, "--config", str(base), "--space",
                str(args.spaces / f"{model}.yaml"), "--study-dir", str(study_dir), "--trials", str(args.trials),
+               "--parallel", str(args.parallel),
                *(["--ledger", str(args.ledgers / f"{model}.json")] if args.ledgers else [])]
     print("tuning: " + " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledgers", type=Path,
                         help="a folder for each study's ledger (LEDGERS/<model>.json, `cammsr tune --ledger`): "
                              "studies go on from them on a machine without --run-dir")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="trials of one study training at once (`cammsr tune --parallel`), cores shared among them")
     parser.add_argument("--timing-epochs", type=int, default=3,
                         help="epochs each chosen config trains again once every study has finished: the table's "
                              "epoch time")
@@ -219,7 +223,8 @@ def _records(args, results: dict, differences: dict, seconds: dict, dataset: str
     from benchmarks.results import write_record
     command = " ".join(["python -m benchmarks.model_comparison", f"--data {args.data}",
                         *([f"--config {args.config}"] if args.config else []), f"--spaces {args.spaces}",
-                        f"--trials {args.trials}", f"--models {args.models}", f"--run-dir {args.run_dir}",
+                        f"--trials {args.trials}", f"--parallel {args.parallel}", f"--models {args.models}",
+                        f"--run-dir {args.run_dir}",
                         f"--timing-epochs {args.timing_epochs}", f"--record-prefix {args.record_prefix}",
                         *args.overrides])
     folder = Path(args.data).name
