@@ -6,8 +6,10 @@ public anchor's number beside them.
         CAMMSR=runs/tune_beauty_cammsr --anchor 0.0531 \\
         --anchor-name "SASRec + sampled softmax, RecTools (blondered/transformer_benchmark)" [--record-prefix ID]
 
-Every study must be finished with the same number of distinct configurations (`cammsr tune --trials`): a comparison
-gives each model the same tuning budget, and the table prints it in trials and in epochs trained. Test is read here,
+A model tuned in stages names its studies joined by commas (NAME=FIRST,SECOND): its run is the best on validation
+over all of them, its budget their sum. Every model must have finished the same number of distinct configurations
+(`cammsr tune --trials`): a comparison gives each model the same tuning budget, and the table prints it in trials
+and in epochs trained. Test is read here,
 once, from the run each study chose on validation (`training_runs.best_trial_results`); the studies never read it.
 One study alone gives its row against the anchor, without a paired column.
 """
@@ -22,23 +24,29 @@ from benchmarks.training_runs import best_trial_results
 from train.tune import best_trial_run, study_progress
 
 
-def parse_studies(pairs: list[str]) -> dict[str, Path]:
+def parse_studies(pairs: list[str]) -> dict[str, list[Path]]:
     studies = {}
     for pair in pairs:
-        name, sep, folder = pair.partition("=")
-        if not sep or not name or not folder:
-            raise SystemExit(f"{pair!r}: give NAME=STUDY_DIR")
-        studies[name] = Path(folder)
+        name, sep, folders = pair.partition("=")
+        if not sep or not name or not all(folders.split(",")):
+            raise SystemExit(f"{pair!r}: give NAME=STUDY_DIR[,STUDY_DIR...]")
+        studies[name] = [Path(folder) for folder in folders.split(",")]
     return studies
 
 
-def budgets(studies: dict[str, Path]) -> dict[str, dict]:
-    """Each study's progress (`train.tune.study_progress`); studies of unequal budgets are refused by name."""
-    progress = {name: study_progress(folder) for name, folder in studies.items()}
-    missing = [f"{name} ({studies[name]})" for name, state in progress.items()
-               if state is None or state["best"] is None]
-    if missing:
-        raise SystemExit("no complete trial yet in " + ", ".join(missing))
+def budgets(studies: dict[str, list[Path]]) -> dict[str, dict]:
+    """Each model's progress over its studies (`train.tune.study_progress`: configurations and epochs summed, the
+    best value and the study holding it); models of unequal budgets are refused by name."""
+    progress = {}
+    for name, folders in studies.items():
+        states = {folder: study_progress(folder) for folder in folders}
+        missing = [str(folder) for folder, state in states.items() if state is None or state["best"] is None]
+        if missing:
+            raise SystemExit(f"no complete trial yet in {name}'s " + ", ".join(missing))
+        chosen = max(states, key=lambda folder: states[folder]["best"])
+        progress[name] = {"counted": sum(state["counted"] for state in states.values()),
+                          "epochs": sum(state["epochs"] for state in states.values()), "chosen": chosen,
+                          "stages": len(folders)}
     counted = {name: state["counted"] for name, state in progress.items()}
     if len(set(counted.values())) > 1:
         raise SystemExit("the studies tried different numbers of configurations ("
@@ -54,9 +62,10 @@ def table(results: dict, progress: dict, differences: dict, anchor: float | None
              "|---|---|---|---|---|---|---|"]
     for name, (run, metrics) in results.items():
         test = metrics["test"]["ndcg@10"]
+        where = run.name if progress[name]["stages"] == 1 else f"{progress[name]['chosen'].name}/{run.name}"
         ratio = f"{test / anchor:.3f}" if anchor else "-"
         versus = format_difference(differences[name]) if name in differences else "-"
-        lines.append(f"| {name} | {progress[name]['counted']} / {progress[name]['epochs']} | {run.name} "
+        lines.append(f"| {name} | {progress[name]['counted']} / {progress[name]['epochs']} | {where} "
                      f"({metrics['best_epoch']} / {metrics['epochs_run']}) | {metrics['valid']['ndcg@10']:.4f} | "
                      f"{test:.4f} | {ratio} | {versus} |")
     return "\n".join(lines)
@@ -87,19 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tuned_accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the prepared dataset every study trained on")
-    parser.add_argument("studies", nargs="+", metavar="NAME=STUDY_DIR",
-                        help="finished `cammsr tune` studies; the first is the reference of the paired column")
+    parser.add_argument("studies", nargs="+", metavar="NAME=STUDY_DIR[,STUDY_DIR...]",
+                        help="finished `cammsr tune` studies, several for a model tuned in stages; the first model is "
+                             "the reference of the paired column")
     parser.add_argument("--anchor", type=float, help="a public number on the same files and protocol (test NDCG@10)")
     parser.add_argument("--anchor-name", default="anchor", help="where the anchor comes from")
     parser.add_argument("--record-prefix", help="write benchmarks/results/<PREFIX>_<name>.json per model")
     args = parser.parse_args(argv)
     studies = parse_studies(args.studies)
     progress = budgets(studies)
-    protocols = {name: excludes_history(best_trial_run(folder)) for name, folder in studies.items()}
+    protocols = {name: excludes_history(best_trial_run(state["chosen"])) for name, state in progress.items()}
     if len(set(protocols.values())) > 1:
         raise SystemExit("the chosen runs rank differently (eval.exclude_history: "
                          + ", ".join(f"{name} {value}" for name, value in protocols.items()) + "): not comparable")
-    results = {name: best_trial_results(folder, args.data) for name, folder in studies.items()}
+    results = {name: best_trial_results(state["chosen"], args.data) for name, state in progress.items()}
     reference, *others = results
     differences = (paired_against(results[reference][0], {name: results[name][0] for name in others}, args.data)
                    if others else {})

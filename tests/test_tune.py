@@ -233,6 +233,20 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
               "--anchor", "0.1", "--anchor-name", "a public run"]
     refused = subprocess.run(report, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "different numbers of configurations (A 1, B 2)" in refused.stderr
+    # a model tuned in two stages: its budget is the sum, its run the best on validation over both studies
+    extra = tmp_path / "extra"
+    (tmp_path / "c").mkdir()
+    staged = _space(tmp_path / "c", **no_pruning)
+    staged.write_text(staged.read_text().replace("seed: 1\n", "seed: 3\n"))
+    _tune(dataset, base_config, staged, extra, "--trials", "1")
+    two_stages = subprocess.run(report[:5] + [f"A={second}", f"B={first},{extra}"], cwd=ROOT, env=cpu_env(),
+                                capture_output=True, text=True, timeout=300)
+    assert two_stages.returncode == 0, two_stages.stdout[-3000:] + two_stages.stderr[-3000:]
+    stages = {study: _trials(study)[0] for study in (first, extra)}
+    chosen = max(stages, key=lambda study: stages[study]["value"])
+    epochs = sum(trial["epochs_run"] for trial in stages.values())
+    assert re.search(rf"^\| B \| 2 / {epochs} \| {chosen.name}/trial_0000 \(\d+ / \d+\) \| "
+                     rf"{stages[chosen]['value']:.4f} \|", two_stages.stdout, re.M), two_stages.stdout[-2000:]
     _tune(dataset, base_config, _space(tmp_path / "a", **no_pruning), first, "--trials", "2")
     proc = subprocess.run(report, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
