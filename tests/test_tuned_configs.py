@@ -11,7 +11,8 @@ from train.tune import ready_config
 from train.tune_space import load_space
 
 TUNED = {  # shipped config -> (the studies' base config, [(a study's ledger, its space), ...])
-    "beauty.yaml": ("beauty_recbole.yaml", [("beauty_cammsr.json", "beauty_cammsr.yaml")]),
+    "beauty.yaml": ("beauty_recbole.yaml", [("beauty_cammsr.json", "beauty_cammsr.yaml"),
+                                            ("beauty_cammsr_horizon.json", "beauty_cammsr_horizon.yaml")]),
     "beauty_sasrec.yaml": ("beauty_recbole.yaml", [("beauty_sasrec.json", "beauty_sasrec.yaml"),
                                                    ("beauty_sasrec_horizon.json", "beauty_sasrec_horizon.yaml")]),
 }
