@@ -9,9 +9,9 @@ public anchor's number beside them.
 A model tuned in stages names its studies joined by commas (NAME=FIRST,SECOND): its run is the best on validation
 over all of them, its budget their sum. Every model must have finished the same number of distinct configurations
 (`cammsr tune --trials`): a comparison gives each model the same tuning budget, and the table prints it in trials
-and in epochs trained. Test is read here,
-once, from the run each study chose on validation (`training_runs.best_trial_results`); the studies never read it.
-One study alone gives its row against the anchor, without a paired column.
+and in epochs trained. Test is read here, once, from the run each model's studies chose on validation
+(`training_runs.best_trial_results`); the studies never read it. One model alone gives its row against the anchor,
+without a paired column.
 """
 from __future__ import annotations
 
