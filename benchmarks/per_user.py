@@ -1,20 +1,37 @@
 """Per-user scoring of a finished run through its best checkpoint (`train.recommend.RunRecommender`), for the
-benchmarks that look inside a run's metrics: one user per forward pass, as `cammsr recommend` does."""
+benchmarks that look inside a run's metrics: each user computed as `cammsr recommend` computes one (no padding),
+users of one history width batched together."""
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 
 from cammsr.metrics import expected_metric
+from data_shards.problems import DataError
 from train.recommend import RunRecommender
 
 
 def user_vectors_after(recommender: RunRecommender, histories: list[list[int]],
-                       times: list[list[float]] | None = None) -> torch.Tensor:
+                       times: list[list[float]] | None = None, batch_size: int = 256) -> torch.Tensor:
     """[users, M, d] (SASRec: [users, d]): each user's vectors after the given history (its last max_seq_len) and
     its interaction times (None: not known; time-aware models refuse that)."""
-    times = times or [None] * len(histories)
-    return torch.stack([recommender.user_output(history, when).user_vectors[0].float()
-                        for history, when in zip(histories, times)])
+    if times is None and recommender.cfg.model.needs_times:
+        raise DataError(f"model {recommender.cfg.model.name} reads the interaction times: give them")
+    by_width = defaultdict(list)
+    for user, history in enumerate(histories):
+        if not history:
+            raise DataError(f"user {user}: empty history")
+        by_width[min(len(history), recommender.max_len)].append(user)
+    rows: list[torch.Tensor | None] = [None] * len(histories)
+    for users in by_width.values():
+        for start in range(0, len(users), batch_size):
+            chunk = users[start:start + batch_size]
+            output = recommender.same_width_outputs([histories[u] for u in chunk],
+                                                    None if times is None else [times[u] for u in chunk])
+            for user, vectors in zip(chunk, output.user_vectors.float()):
+                rows[user] = vectors
+    return torch.stack(rows)
 
 
 def ndcg_at_10_per_user(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -282,9 +282,6 @@ class RunRecommender:
         """The model's output at the last position after `history` (internal ids, oldest first; the last
         max_seq_len are read) with its interaction `times` (Unix seconds, one per item; time-aware models need
         them). The sequence is as wide as the history, as in an evaluation batch of one user."""
-        from train.data import Batch
-        from train.evaluate import last_position
-        from train.step import model_inputs
         if not history:
             raise DataError("the history is empty: give at least one item")
         if times is not None and len(times) != len(history):
@@ -292,11 +289,23 @@ class RunRecommender:
         if times is None and self.cfg.model.needs_times:
             raise DataError(f"model {self.cfg.model.name} reads the interaction times: give one Unix time per "
                             "history item (--times)")
-        recent = history[-self.max_len:]
-        seq = torch.tensor([recent], dtype=torch.long)
-        time_seq = None if times is None else torch.tensor([times[-self.max_len:]], dtype=torch.float64)
-        batch = Batch(seq, torch.tensor([len(recent)]), torch.zeros(1, dtype=torch.long),
-                      torch.ones(1, dtype=torch.bool), time_seq=time_seq).to(self.device)
+        return self.same_width_outputs([history], None if times is None else [times])
+
+    @torch.no_grad()
+    def same_width_outputs(self, histories: list[list[int]], times: list[list[float]] | None = None):
+        """`user_output` of many users in one forward pass: their last max_seq_len items must be equally many, so
+        each row is computed exactly as that user alone would be (no padding)."""
+        from train.data import Batch
+        from train.evaluate import last_position
+        from train.step import model_inputs
+        recent = [history[-self.max_len:] for history in histories]
+        if len({len(r) for r in recent}) != 1:
+            raise ValueError(f"histories of {sorted({len(r) for r in recent})} recent items: give one width")
+        seq = torch.tensor(recent, dtype=torch.long)
+        time_seq = None if times is None else torch.tensor([t[-self.max_len:] for t in times], dtype=torch.float64)
+        users = len(recent)
+        batch = Batch(seq, torch.full((users,), seq.shape[1]), torch.zeros(users, dtype=torch.long),
+                      torch.ones(users, dtype=torch.bool), time_seq=time_seq).to(self.device)
         seq_emb = self.id_rows[batch.item_seq] * (batch.item_seq != 0)[..., None]  # the table's lookup
         with self.as_trained():
             output = self.model(*model_inputs(batch, seq_emb, self.items, self.dtype))
