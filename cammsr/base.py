@@ -166,6 +166,7 @@ class SequentialRecommender(nn.Module):
       -> ModelOutput. Sequences are left-aligned, padding (0) at the end. time_seq [B, L] float64 seconds (None
       when unknown: models that need times refuse it).
     item_candidates(id_rows, text_rows, image_rows) -> [N + 1, M, d] (row = item id, row 0 padding).
+    candidates_of(ids, id_rows, text_table, image_table) -> [U, M, d]: those of some items, given the catalogue.
     """
 
     cfg: ModelConfig
@@ -173,6 +174,13 @@ class SequentialRecommender(nn.Module):
     def item_candidates(self, id_rows: torch.Tensor, text_rows: torch.Tensor | None = None,
                         image_rows: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def candidates_of(self, ids: torch.Tensor, id_rows: torch.Tensor, text_table: torch.Tensor | None = None,
+                      image_table: torch.Tensor | None = None) -> torch.Tensor:
+        """`item_candidates` of the distinct items `ids` [U]: their ID rows [U, d] and the catalogue's feature tables
+        [N + 1, ...] (None: not read), whose rows are read in the ID rows' dtype -> [U, M, d]."""
+        return self.item_candidates(id_rows, *(None if table is None else table[ids].to(id_rows.dtype)
+                                               for table in (text_table, image_table)))
 
     def fit_feature_statistics(self, text_table: torch.Tensor | None, image_table: torch.Tensor | None) -> None:
         """Fix any input statistics from the catalogue's frozen feature tables ([N + 1, F], zero rows = absent).

@@ -284,24 +284,26 @@ class TAME(SequentialRecommender):
         """`retrieve` on tame_item_chunk_size items at a time, taken in order of their token count, each chunk's
         token axis cut after its longest item's last token: the padding a chunk drops is work the keys' projection
         and the attention no longer do (Beauty's titles: 31 tokens on average, padded to 64), and attention over
-        masked keys is the same with them or without. `catalogue`: the tables are the catalogue's, whose chunks
-        are kept for the next call on the very same tables (see _length_layout)."""
+        masked keys is the same with them or without. The chunks' tokens are read in the ID rows' dtype.
+        `catalogue`: the tables are the catalogue's, whose chunks are kept for the next call on the very same
+        tables (see _length_layout)."""
         present = {m: tokens[m] for m in self.content if tokens.get(m) is not None}
         if len(present) < len(self.content) or id_rows.shape[0] == 0:
             return self.retrieve(id_rows, tokens)
-        order, chunks = self._length_layout(present, catalogue)
+        order, chunks = self._length_layout(present, catalogue, id_rows.dtype)
         parts = [self.retrieve(id_rows[index], rows, masks) for index, rows, masks in chunks]
         restore = order.argsort()
         return {m: torch.cat([part[m] for part in parts])[restore] for m in self.content}
 
-    def _length_layout(self, tokens: dict[str, torch.Tensor], keep: bool) -> tuple[torch.Tensor, list]:
+    def _length_layout(self, tokens: dict[str, torch.Tensor], keep: bool,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, list]:
         """The items in order of token count and, per tame_item_chunk_size of them, (their index, their token rows
         and masks cut after the chunk's longest item). With `keep`, the layout is reused while the same table
         objects come back unchanged (same in-place version) and need no gradient: a full-softmax step passes the
         catalogue's frozen tables every time, and computing their masks and copying their rows out chunk by chunk
         read every token of every item, a large part of the retrieval's cost on a CPU (the kept rows are the
         tables' non-padding part once more). Weak references: the cache holds no table alive."""
-        versions = {m: rows._version for m, rows in tokens.items()}
+        versions = ({m: rows._version for m, rows in tokens.items()}, dtype)
         keep = keep and not any(rows.requires_grad for rows in tokens.values())
         kept = self._kept_layout if keep else None
         if kept is not None and kept[0].keys() == tokens.keys() and kept[1] == versions \
@@ -316,7 +318,7 @@ class TAME(SequentialRecommender):
         for start in range(0, order.shape[0], size):
             index = order[start: start + size]
             widths = {m: max(max(ordered[m][start: start + size]), 1) for m in tokens}
-            chunks.append((index, {m: tokens[m][index, :widths[m]] for m in tokens},
+            chunks.append((index, {m: tokens[m][index, :widths[m]].to(dtype) for m in tokens},
                            {m: masks[m][index, :widths[m]] for m in tokens}))
         layout = (order, chunks)
         if keep:
@@ -334,6 +336,19 @@ class TAME(SequentialRecommender):
 
     def _id_candidates(self, id_rows: torch.Tensor, retrieved: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._enrich(id_rows, retrieved)[0] if self.cfg.tame_candidate_id == "enriched" else id_rows
+
+    def candidates_of(self, ids: torch.Tensor, id_rows: torch.Tensor, text_table: torch.Tensor | None = None,
+                      image_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Where `ids` cover half the catalogue or more (per-target negatives draw nearly every item at every step),
+        the whole catalogue is retrieved through its kept layout (ID rows of the other items zero, their results
+        dropped) and the ids' rows are read out: gathering the ids' token rows would copy most of the tables at
+        every step, and laying the copy out by length reads every token again; on a CPU that was most of a step."""
+        tables = {"text": text_table, "image": image_table}
+        if not self.content or any(tables[m] is None for m in self.content) \
+                or 2 * ids.shape[0] < tables[self.content[0]].shape[0]:
+            return super().candidates_of(ids, id_rows, text_table, image_table)
+        every_id_row = id_rows.new_zeros(tables[self.content[0]].shape[0], id_rows.shape[1]).index_copy(0, ids, id_rows)
+        return self.item_candidates(every_id_row, text_table, image_table)[ids]
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """Eq. 14's item side, [N + 1, M, d]: (ID candidate, e^t, e^v), retrieved by `retrieve_by_length`."""

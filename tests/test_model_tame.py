@@ -332,6 +332,33 @@ def test_candidates_are_eq_14_items_and_chunks_equal_one_pass():
     torch.testing.assert_close(catalogue.candidates(enriched)[:, 0], expected)
 
 
+def test_candidates_of_most_items_read_from_the_catalogue_equal_their_gathered_rows_with_the_same_gradients():
+    """Ids covering most of the catalogue are read out of the whole catalogue's retrieval: the same vectors and the
+    same gradients for the ID rows and every parameter as retrieving their gathered rows."""
+    from cammsr.base import SequentialRecommender
+    model, catalogue = make(tame_item_chunk_size=4, tame_candidate_id="enriched", **EXACT)
+    model.eval()
+    count = NUM_ITEMS - 3
+    ids = torch.randperm(NUM_ITEMS)[:count] + 1
+    results = []
+    for read in (model.candidates_of, partial(SequentialRecommender.candidates_of, model)):
+        model.zero_grad()
+        id_rows = catalogue.id_table[ids].clone().requires_grad_()
+        vectors = read(ids, id_rows, catalogue.text, catalogue.image)
+        (vectors * torch.linspace(-1, 1, vectors.numel()).view_as(vectors)).sum().backward()
+        results.append((vectors.detach(), id_rows.grad, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                          if p.grad is not None}))
+        if len(results) == 1:  # the catalogue's own tables were laid out, not a gathered copy
+            assert model._kept_layout[0]["text"]() is catalogue.text
+    (fast, fast_id_grad, fast_grads), (gathered, gathered_id_grad, gathered_grads) = results
+    assert fast.shape == (count, 3, 16)
+    torch.testing.assert_close(fast, gathered)
+    torch.testing.assert_close(fast_id_grad, gathered_id_grad)
+    assert fast_grads.keys() == gathered_grads.keys() and "retrievers.text.queries" in fast_grads
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], gathered_grads[name], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- causality and padding
 
 def test_all_positions_mode_leaks_nothing_from_later_positions():

@@ -241,8 +241,11 @@ class Trainer:
         ids, inverse = distinct_ids(torch.cat([targets, negatives.reshape(-1)]), self.num_items + 1)
         seq_emb, id_rows = self.table.lookup(batch.item_seq, ids)
         output = self.engine(*model_inputs(batch, seq_emb, items, dtype))
-        rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t.to(dtype) for t in
-                                                               (items.rows("text", ids), items.rows("image", ids))))
+        if self.media is None:  # the catalogue's tables
+            rows = self.model.candidates_of(ids, id_rows.to(dtype), items.text, items.image)
+        else:  # the step's encoded rows
+            rows = self.model.item_candidates(id_rows.to(dtype), *(None if t is None else t.to(dtype) for t in
+                                                                   (items.rows("text", ids), items.rows("image", ids))))
         per_target = negatives.dim() == 2  # their vectors stay the distinct rows, indexed (scoring._per_row_scores)
         negative_index = inverse[len(targets):].reshape(negatives.shape) if per_target else None
         negative_rows = rows if per_target else rows[inverse[len(targets):]]
