@@ -27,6 +27,7 @@ SPACE = {"seed": 1, "pruner": {"kind": "median", "startup_trials": 1, "warmup_ro
                     "model.hidden_dropout": {"low": 0.0, "high": 0.4, "step": 0.1},
                     "num_layers": {"low": 1, "high": 2},
                     "train.num_negatives": {"choices": [8, 16]}}}
+NO_PRUNING = {"pruner:kind": "none", "pruner:startup_trials": None, "pruner:warmup_rounds": None}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,14 @@ def _space(folder, **changes):
     path = folder / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
+
+
+def _wait_while_running(proc, condition, timeout_s: float) -> None:
+    """Until condition() holds; the study's process must still run and the time last."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.05)
 
 
 def _tune(dataset, config, space, study, *args, **popen):
@@ -119,15 +128,11 @@ def test_parallel_study_best_config_plots_no_test_and_continuation(dataset, base
 
 
 def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config, tmp_path):
-    space = _space(tmp_path, **{"fixed:train.max_epochs": 40, "pruner:kind": "none", "pruner:startup_trials": None,
-                                "pruner:warmup_rounds": None})
+    space = _space(tmp_path, **{"fixed:train.max_epochs": 40, **NO_PRUNING})
     study = tmp_path / "study"
     proc = _tune(dataset, base_config, space, study, "--trials", "1", start_new_session=True)
     checkpoints = study / "trials" / "trial_0000" / "checkpoints"
-    deadline = time.time() + 120
-    while not (checkpoints.is_dir() and len(list(checkpoints.glob("ep0003*"))) > 0):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
-        time.sleep(0.05)
+    _wait_while_running(proc, lambda: any(checkpoints.glob("ep0003*")), 120)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -148,13 +153,9 @@ def test_an_interrupted_trial_continues_from_its_checkpoint(dataset, base_config
 def test_an_edit_of_the_config_during_a_study_changes_no_trial(dataset, tmp_path):
     config = tmp_path / "base.yaml"
     config.write_text(yaml.safe_dump(BASE))
-    space, study = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None,
-                                       "pruner:warmup_rounds": None}), tmp_path / "study"
+    space, study = _space(tmp_path, **NO_PRUNING), tmp_path / "study"
     proc = _tune(dataset, config, space, study, "--trials", "2", start_new_session=True)
-    deadline = time.time() + 180
-    while not (study / "trials" / "trial_0000").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
-        time.sleep(0.05)
+    _wait_while_running(proc, (study / "trials" / "trial_0000").is_dir, 180)
     edited = json.loads(json.dumps(BASE))
     edited["model"]["hidden_size"] = 16
     config.write_text(yaml.safe_dump(edited))
@@ -171,13 +172,9 @@ def test_a_stopped_study_leaves_its_best_config_and_continues_with_new_parameter
     """trials.json and best.yaml follow every trial, so a study killed mid-way leaves its current best; each start
     draws from a sampler stream of its own (seeded as at the first start, a continued study would propose its first
     trials' parameters again)."""
-    space, study = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None,
-                                       "pruner:warmup_rounds": None}), tmp_path / "study"
+    space, study = _space(tmp_path, **NO_PRUNING), tmp_path / "study"
     proc = _tune(dataset, base_config, space, study, "--trials", "2", start_new_session=True)
-    deadline = time.time() + 180
-    while not (study / "trials" / "trial_0001").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
-        time.sleep(0.05)
+    _wait_while_running(proc, (study / "trials" / "trial_0001").is_dir, 180)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     (first,) = _trials(study)
@@ -193,8 +190,7 @@ def test_a_stopped_study_leaves_its_best_config_and_continues_with_new_parameter
 def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base_config, tmp_path):
     import optuna
     space = _space(tmp_path, **{"params:train.lr": None, "params:model.hidden_dropout": None,
-                                "params:num_layers": None, "pruner:kind": "none", "pruner:startup_trials": None,
-                                "pruner:warmup_rounds": None})  # two configurations: 8 or 16 negatives
+                                "params:num_layers": None, **NO_PRUNING})  # two configurations: 8 or 16 negatives
     study = tmp_path / "study"
     _tune(dataset, base_config, space, study, "--trials", "1")
     (first,) = _trials(study)
@@ -221,12 +217,11 @@ def test_a_repeated_configuration_is_not_trained_again_nor_counted(dataset, base
 def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, base_config, tmp_path):
     """benchmarks.tuned_accuracy: studies of unequal budgets are refused by name; equal ones give each chosen run's
     test (as training its best.yaml again gives) and the per-user paired difference to the first study's."""
-    no_pruning = {"pruner:kind": "none", "pruner:startup_trials": None, "pruner:warmup_rounds": None}
     first, second = tmp_path / "first", tmp_path / "second"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _tune(dataset, base_config, _space(tmp_path / "a", **no_pruning), first, "--trials", "1")
-    other = _space(tmp_path / "b", **no_pruning)
+    _tune(dataset, base_config, _space(tmp_path / "a", **NO_PRUNING), first, "--trials", "1")
+    other = _space(tmp_path / "b", **NO_PRUNING)
     other.write_text(other.read_text().replace("seed: 1\n", "seed: 7\n"))  # its own draws
     _tune(dataset, base_config, other, second, "--trials", "2")
     report = [PY, "-m", "benchmarks.tuned_accuracy", "--data", str(dataset), f"A={first}", f"B={second}",
@@ -236,7 +231,7 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
     # a model tuned in two stages: its budget is the sum, its run the best on validation over both studies
     extra = tmp_path / "extra"
     (tmp_path / "c").mkdir()
-    staged = _space(tmp_path / "c", **no_pruning)
+    staged = _space(tmp_path / "c", **NO_PRUNING)
     staged.write_text(staged.read_text().replace("seed: 1\n", "seed: 3\n"))
     _tune(dataset, base_config, staged, extra, "--trials", "1")
     two_stages = subprocess.run(report[:5] + [f"A={second}", f"B={first},{extra}"], cwd=ROOT, env=cpu_env(),
@@ -247,7 +242,7 @@ def test_tuned_accuracy_reads_the_chosen_runs_and_needs_equal_budgets(dataset, b
     epochs = sum(trial["epochs_run"] for trial in stages.values())
     assert re.search(rf"^\| B \| 2 / {epochs} \| {chosen.name}/trial_0000 \(\d+ / \d+\) \| "
                      rf"{stages[chosen]['value']:.4f} \|", two_stages.stdout, re.M), two_stages.stdout[-2000:]
-    _tune(dataset, base_config, _space(tmp_path / "a", **no_pruning), first, "--trials", "2")
+    _tune(dataset, base_config, _space(tmp_path / "a", **NO_PRUNING), first, "--trials", "2")
     proc = subprocess.run(report, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {name: re.search(rf"^\| {name} \| 2 / (\d+) \| trial_\d{{4}} \(\d+ / \d+\) \| 0\.\d{{4}} \| "
@@ -294,7 +289,7 @@ def test_workers_ask_for_trials_one_at_a_time(tmp_path):
 def test_a_study_goes_on_from_its_ledger_in_a_new_study_directory(dataset, base_config, tmp_path):
     """A machine that lost the study directory: a new one starts from the ledger's trials as they were (not trained
     again), trains the best trial's config again for its model, to the same validation value, and goes on."""
-    space = _space(tmp_path, **{"pruner:kind": "none", "pruner:startup_trials": None, "pruner:warmup_rounds": None})
+    space = _space(tmp_path, **NO_PRUNING)
     ledger, lost, new = tmp_path / "ledger.json", tmp_path / "lost", tmp_path / "new"
     _tune(dataset, base_config, space, lost, "--trials", "2", "--ledger", str(ledger))
     before = _trials(lost)
