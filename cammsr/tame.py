@@ -347,8 +347,8 @@ class TAME(SequentialRecommender):
         if not self.content or any(tables[m] is None for m in self.content) \
                 or 2 * ids.shape[0] < tables[self.content[0]].shape[0]:
             return super().candidates_of(ids, id_rows, text_table, image_table)
-        every_id_row = id_rows.new_zeros(tables[self.content[0]].shape[0], id_rows.shape[1]).index_copy(0, ids, id_rows)
-        return self.item_candidates(every_id_row, text_table, image_table)[ids]
+        every_id_row = id_rows.new_zeros(tables[self.content[0]].shape[0], id_rows.shape[1])
+        return self.item_candidates(every_id_row.index_copy(0, ids, id_rows), text_table, image_table)[ids]
 
     def item_candidates(self, id_rows, text_rows=None, image_rows=None) -> torch.Tensor:
         """Eq. 14's item side, [N + 1, M, d]: (ID candidate, e^t, e^v), retrieved by `retrieve_by_length`."""

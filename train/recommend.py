@@ -282,13 +282,6 @@ class RunRecommender:
         """The model's output at the last position after `history` (internal ids, oldest first; the last
         max_seq_len are read) with its interaction `times` (Unix seconds, one per item; time-aware models need
         them). The sequence is as wide as the history, as in an evaluation batch of one user."""
-        if not history:
-            raise DataError("the history is empty: give at least one item")
-        if times is not None and len(times) != len(history):
-            raise DataError(f"{len(times)} times for a history of {len(history)} items: give one time per item")
-        if times is None and self.cfg.model.needs_times:
-            raise DataError(f"model {self.cfg.model.name} reads the interaction times: give one Unix time per "
-                            "history item (--times)")
         return self.same_width_outputs([history], None if times is None else [times])
 
     @torch.no_grad()
@@ -298,6 +291,14 @@ class RunRecommender:
         from train.data import Batch
         from train.evaluate import last_position
         from train.step import model_inputs
+        if times is None and self.cfg.model.needs_times:
+            raise DataError(f"model {self.cfg.model.name} reads the interaction times: give one Unix time per "
+                            "history item (--times)")
+        for history, when in zip(histories, times or [None] * len(histories)):
+            if not history:
+                raise DataError("the history is empty: give at least one item")
+            if when is not None and len(when) != len(history):
+                raise DataError(f"{len(when)} times for a history of {len(history)} items: give one time per item")
         recent = [history[-self.max_len:] for history in histories]
         if len({len(r) for r in recent}) != 1:
             raise ValueError(f"histories of {sorted({len(r) for r in recent})} recent items: give one width")
